@@ -1,0 +1,1 @@
+"""GRPO for mg3d: the loss maths (`loss`), sampling (`rollout`) and the LightningModule (`module`)."""
