@@ -1,0 +1,111 @@
+"""The prompt/answer seam: a target answer written by the prompter decodes back to the ground-truth box."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mg3d.boxes import CoordinateFrame, resize_step
+from mg3d.errors import DataError
+from mg3d.grounding import GroundingPrompter, best_iou
+from mg3d.grpo.schedule import PhaseSchedule
+from mg3d.model import build_tiny_policy
+from mg3d.sft import answer_rollout, sft_loss
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return build_tiny_policy(extra_tokens=("<answer>", "</answer>"), seed=0)
+
+
+def _volume_sample(sid: str, box: list[float]) -> dict:
+    # Original voxel grid 64×64×16, the pipeline resized it to 56×56×16.
+    frame = CoordinateFrame((64, 64, 16)).then(resize_step((64, 64, 16), (56, 56, 16)))
+    image = torch.rand(1, 56, 56, 16)
+    return {"id": sid, "text": "the lesion", "image": image, "frame": frame, "boxes": np.asarray([box]), "spacing": None}
+
+
+def _image_sample(sid: str, box: list[float]) -> dict:
+    frame = CoordinateFrame((112, 84))
+    return {"id": sid, "text": "the left lung opacity", "image": torch.rand(1, 112, 84), "frame": frame,
+            "boxes": np.asarray([box])}  # fmt: skip
+
+
+@pytest.mark.parametrize("template", ["terse", "plain", "r1", "chain_of_box"])
+def test_answer_decodes_to_ground_truth(policy, template):
+    prompter = GroundingPrompter(policy, template=template, system_prompt="")
+    samples = [_volume_sample("a", [8, 16, 2, 40, 48, 10]), _image_sample("b", [10, 20, 60, 70])]
+    batch = prompter.build(samples)
+    assert batch.inputs["input_ids"].shape[0] == 2
+    assert "pixel_values_videos" in batch.inputs and "pixel_values" in batch.inputs
+    completions = batch.answers if template in ("terse", "plain") else [f"<think>ok</think>{a}" for a in batch.answers]
+    decoded = prompter.decode(completions, batch, [0, 1])
+    for d, gt, frame in zip(decoded, batch.gt_boxes, batch.frames):
+        assert d.ok, d.parsed
+        # the codec rounds to the integer text grid: within half a text unit of the truth, per edge
+        tol = np.tile(frame.text_scale(), 2) / 2 + 1e-6
+        assert np.all(np.abs(d.box_voxel - gt[0]) <= tol)
+    ious = prompter.ious(decoded, batch, [0, 1])
+    assert np.all(ious > 0.8)
+
+
+def test_failed_parse_scores_zero(policy):
+    prompter = GroundingPrompter(policy, template="terse", system_prompt="")
+    batch = prompter.build([_volume_sample("a", [8, 16, 2, 40, 48, 10])])
+    decoded = prompter.decode(["no box here", "<answer>[1,2,3]</answer>"], batch, [0, 0])
+    assert not decoded[0].ok and not decoded[1].ok
+    assert prompter.ious(decoded, batch, [0, 0]).tolist() == [0.0, 0.0]
+    assert best_iou(None, batch.gt_boxes[0]) == 0.0
+
+
+def test_bad_sample_names_the_record(policy):
+    prompter = GroundingPrompter(policy, template="terse")
+    bad = _volume_sample("case-17", [8, 16, 2, 40, 48, 10])
+    bad["boxes"] = np.asarray([[8, 16, 2, 4, 48, 10]])
+    with pytest.raises(DataError, match="case-17"):
+        prompter.build([bad])
+
+
+def test_subset_keeps_rows_aligned(policy):
+    prompter = GroundingPrompter(policy, template="terse", system_prompt="")
+    samples = [_volume_sample(str(i), [4 + i, 16, 2, 40, 48, 10]) for i in range(3)]
+    batch = prompter.build(samples)
+    sub = prompter.subset(batch, [2, 0])
+    assert sub.ids == ["2", "0"]
+    np.testing.assert_array_equal(sub.gt_boxes[0], batch.gt_boxes[2])
+    full = prompter.build([samples[2], samples[0]])
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values_videos", "video_grid_thw"):
+        torch.testing.assert_close(sub.inputs[key], full.inputs[key])
+
+
+def test_sft_loss_is_answer_nll_and_trains(policy):
+    prompter = GroundingPrompter(policy, template="terse", system_prompt="")
+    batch = prompter.build([_volume_sample("a", [8, 16, 2, 40, 48, 10])])
+    target = answer_rollout(policy, batch)
+    assert target.completion_mask.sum() == len(policy.tokenizer(batch.answers[0], add_special_tokens=False)["input_ids"]) + 1
+    model = policy.model
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    first, _ = sft_loss(policy, batch)
+    # random init: about log(vocab) nats per answer token
+    assert 3.0 < float(first.detach()) < 8.0
+    for _ in range(5):
+        loss, _ = sft_loss(policy, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    last, metrics = sft_loss(policy, batch)
+    assert float(last.detach()) < float(first.detach()) - 0.5
+    assert metrics["answer_tokens"] == float(target.completion_mask.sum())
+
+
+def test_phase_schedule_values():
+    s = PhaseSchedule(warm_steps=10, warm_lr_scale=10.0, warmup_steps=2, schedule="linear", total_steps=22)
+    assert s(0) == 10.0 and s(9) == 10.0
+    assert s(10) == pytest.approx(0.5) and s(11) == pytest.approx(1.0)
+    assert s(12) == pytest.approx(1.0) and s(17) == pytest.approx(0.5) and s(22) == pytest.approx(0.0)
+    cos = PhaseSchedule(schedule="cosine", total_steps=4)
+    assert cos(2) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="max_steps"):
+        PhaseSchedule(schedule="linear", total_steps=None)
