@@ -13,7 +13,8 @@ Conventions (DESIGN.md §2):
   which is only an upper bound of the tight box; :class:`AffineStep` says so with ``exact = False``.
 
 This module imports nothing else from mg3d but :mod:`mg3d.errors`: data pipelines and tokenization
-both build on it without importing each other.
+both build on it without importing each other. MONAI's ``box_utils`` is imported where it is used, because
+``import monai`` loads all of MONAI (seconds), which parsers and rewards should not pay for.
 """
 
 from __future__ import annotations
@@ -22,17 +23,16 @@ import itertools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from monai.data import box_utils
 
 from mg3d.errors import BoxError
 
 Frame = Literal["voxel", "text", "world"]
 FRAMES: tuple[str, ...] = ("voxel", "text", "world")
-ArrayLike = Union[np.ndarray, torch.Tensor, Sequence[float]]
+ArrayLike = np.ndarray | torch.Tensor | Sequence[float]
 
 __all__ = [
     "FRAMES",
@@ -174,6 +174,8 @@ def convert_box_mode(boxes: ArrayLike, src_mode: str, dst_mode: str) -> np.ndarr
     """Convert between MONAI box modes (``xywh``, ``xyxy``, ``ccwh``, ``xyzwhd``, ``cccwhd``, …)."""
     arr = _as_float_array(boxes, "boxes")
     single = arr.ndim == 1
+    from monai.data import box_utils
+
     out = box_utils.convert_box_mode(np.atleast_2d(arr), src_mode=src_mode, dst_mode=dst_mode)
     out = np.asarray(out, dtype=np.float64)
     return out[0] if single else out
@@ -235,6 +237,8 @@ def iou_matrix(boxes1: ArrayLike, boxes2: ArrayLike) -> np.ndarray:
     """``(N, M)`` IoU matrix (MONAI ``box_iou``)."""
     a = np.atleast_2d(_as_float_array(boxes1, "boxes1"))
     b = np.atleast_2d(_as_float_array(boxes2, "boxes2"))
+    from monai.data import box_utils
+
     return np.asarray(box_utils.box_iou(a, b), dtype=np.float64)
 
 
@@ -242,6 +246,8 @@ def giou_matrix(boxes1: ArrayLike, boxes2: ArrayLike) -> np.ndarray:
     """``(N, M)`` generalised IoU matrix (MONAI ``box_giou``), in ``[-1, 1]``."""
     a = np.atleast_2d(_as_float_array(boxes1, "boxes1"))
     b = np.atleast_2d(_as_float_array(boxes2, "boxes2"))
+    from monai.data import box_utils
+
     return np.asarray(box_utils.box_giou(a, b), dtype=np.float64)
 
 
@@ -495,7 +501,7 @@ class AffineStep:
         }
 
 
-Step = Union[AxisAffineStep, AffineStep]
+Step = AxisAffineStep | AffineStep
 
 
 def step_from_dict(data: dict[str, Any]) -> Step:
@@ -633,7 +639,7 @@ def zoom_step(shape: Sequence[int], factors: Sequence[float]) -> AxisAffineStep:
     shape = _shape(shape, "zoom")
     if len(factors) != len(shape) or any(f <= 0 for f in factors):
         raise BoxError(f"zoom: factors {factors} must be positive, one per axis of {shape}")
-    out = tuple(int(math.floor(n * f + 1e-9)) for n, f in zip(shape, factors))
+    out = tuple(math.floor(n * f + 1e-9) for n, f in zip(shape, factors))
     step = resize_step(shape, out)
     return AxisAffineStep(
         "zoom", step.in_shape, step.out_shape, step.perm, step.scale, step.offset, {"factors": list(factors)}
@@ -660,7 +666,7 @@ def respace_step(
     ratio = [float(i) / float(o) for i, o in zip(in_spacing, out_spacing)]
     shift = [0.0] * d if origin_shift is None else [float(s) for s in origin_shift]
     out = (
-        tuple(max(1, int(round(n * r))) for n, r in zip(shape, ratio))
+        tuple(max(1, round(n * r)) for n, r in zip(shape, ratio))
         if out_shape is None
         else _shape(out_shape, "respace target")
     )

@@ -1,0 +1,1 @@
+"""Data: grounding records and manifests, data set adapters, synthetic phantoms, pipelines."""

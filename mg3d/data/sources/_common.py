@@ -1,0 +1,603 @@
+"""Shared pieces of the data set adapters: the bad-data policy, skip accounting, header readers, splits.
+
+Header readers look at sizes before any pixel is decoded (PIL's lazy open, pydicom with
+``stop_before_pixels``, nibabel's header, the ``.npy`` header), so a file that claims an enormous image
+is refused before memory is allocated for it. Every failure of a reader library is caught and re-raised
+as a :class:`SourceError` naming the file, never as a traceback from inside nibabel, PIL or pydicom.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import math
+import os
+import re
+import warnings
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import numpy as np
+
+from mg3d.data.records import GroundingRecord
+from mg3d.errors import BoxError, DataError
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "DEFAULT_MAX_VOXELS",
+    "ImageHeader",
+    "OnError",
+    "Skip",
+    "SkipLog",
+    "Source",
+    "SourceError",
+    "check_box_in_image",
+    "check_on_error",
+    "read_csv_rows",
+    "read_image_header_2d",
+    "read_nifti",
+    "read_npy_header",
+    "seeded_group_split",
+    "stable_choice",
+    "xywh_to_box",
+]
+
+OnError = Literal["raise", "skip"]
+ON_ERROR_CHOICES = ("raise", "skip")
+
+# Refuse images larger than this before decoding them: 2D radiographs are ≤ ~4k², CT volumes ≤ ~1e9 voxels.
+DEFAULT_MAX_PIXELS = 100_000_000
+DEFAULT_MAX_VOXELS = 1_500_000_000
+
+T = TypeVar("T")
+
+
+class SourceError(DataError):
+    """A bad input item. ``kind`` is a short stable code used to count skips in ``summary.json``."""
+
+    def __init__(self, message: str, kind: str = "invalid") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def check_on_error(on_error: str) -> OnError:
+    if on_error not in ON_ERROR_CHOICES:
+        raise DataError(f"on_error must be one of {list(ON_ERROR_CHOICES)}, got {on_error!r}")
+    return on_error  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Skip:
+    """One skipped input item and why."""
+
+    dataset: str
+    item: str
+    kind: str
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"dataset": self.dataset, "item": self.item, "kind": self.kind, "reason": self.reason}
+
+
+@dataclass
+class SkipLog:
+    """Every item skipped under ``on_error="skip"``, so nothing is ever dropped silently."""
+
+    items: list[Skip] = field(default_factory=list)
+
+    def add(self, dataset: str, item: str, error: DataError) -> None:
+        kind = getattr(error, "kind", "invalid")
+        self.items.append(Skip(dataset, item, kind, str(error)))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def by_kind(self) -> dict[str, int]:
+        return dict(sorted(Counter(s.kind for s in self.items).items()))
+
+
+class Source:
+    """Base of the adapters: iterate to get records; bad items raise or are counted in ``skips``.
+
+    Subclasses fill ``self._items`` (one entry per raw input unit, e.g. a phrase group or a CSV row)
+    in ``__init__`` — file-level problems (missing CSV, missing column) always raise there — and
+    implement ``_item_name`` and ``_build``. ``len(source)`` is the number of raw items, for progress bars.
+    ``dataset`` overrides the class's data set name (it also prefixes record ids).
+    """
+
+    dataset: str = ""
+
+    def __init__(self, on_error: str = "raise", dataset: str | None = None) -> None:
+        self.on_error: OnError = check_on_error(on_error)
+        if dataset is not None:  # e.g. "synthetic3d" for phantoms read through the M3D-RefSeg adapter
+            if not isinstance(dataset, str) or not dataset.strip() or "/" in dataset:
+                raise DataError(f"dataset name must be a non-empty string without '/', got {dataset!r}")
+            self.dataset = dataset
+        self.skips = SkipLog()
+        self._items: list[Any] = []
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def _item_name(self, item: Any) -> str:
+        raise TypeError(f"{type(self).__name__} must define _item_name")
+
+    def _build(self, item: Any) -> GroundingRecord:
+        raise TypeError(f"{type(self).__name__} must define _build")
+
+    def __iter__(self) -> Iterator[GroundingRecord]:
+        for item in self._items:
+            try:
+                record = self._build(item)
+            except DataError as err:
+                if self.on_error == "raise":
+                    raise
+                self.skips.add(self.dataset, self._item_name(item), err)
+                continue
+            yield record
+
+
+# ---------------------------------------------------------------------------------------------- CSV
+
+
+def read_csv_rows(
+    path: Path, required: Sequence[str], *, rename: Callable[[list[str]], list[str]] | None = None
+) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """Rows of a CSV as ``(line_number, {column: value})``; raise naming the file on a missing column.
+
+    ``rename`` maps the raw header to canonical names (for headers that are malformed as published).
+    Line numbers count the header as line 1, so they match what an editor shows.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SourceError(f"{path}: CSV file not found", "missing_file")
+    if path.stat().st_size == 0:
+        raise SourceError(f"{path}: CSV file is empty (0 bytes)", "empty_file")
+    try:
+        with path.open("r", encoding="utf-8-sig", newline="") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            if header is None:
+                raise SourceError(f"{path}: CSV file has no header line", "bad_csv")
+            names = rename(header) if rename else [h.strip() for h in header]
+            missing = [c for c in required if c not in names]
+            if missing:
+                raise SourceError(
+                    f"{path}: CSV is missing column(s) {missing}; header is {header}", "missing_column"
+                )
+            rows = []
+            for raw in reader:
+                if not any(cell.strip() for cell in raw):
+                    continue
+                row = {name: (raw[i].strip() if i < len(raw) else "") for i, name in enumerate(names) if name}
+                rows.append((reader.line_num, row))
+    except UnicodeDecodeError as err:
+        raise SourceError(f"{path}: CSV is not UTF-8 text ({err.reason})", "bad_csv") from None
+    except csv.Error as err:
+        raise SourceError(f"{path}: malformed CSV ({err})", "bad_csv") from None
+    return names, rows
+
+
+def parse_float(value: str, what: str) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise SourceError(f"{what}: not a number: {value!r}", "bad_row") from None
+    if not math.isfinite(out):
+        raise SourceError(f"{what}: not a finite number: {value!r}", "bad_row")
+    return out
+
+
+def parse_int(value: str, what: str) -> int:
+    number = parse_float(value, what)
+    if number != int(number):
+        raise SourceError(f"{what}: not an integer: {value!r}", "bad_row")
+    return int(number)
+
+
+# ---------------------------------------------------------------------------------------------- boxes
+
+
+def xywh_to_box(x: float, y: float, w: float, h: float, what: str) -> np.ndarray:
+    """Pixel ``x, y, w, h`` (x = column) → voxel-frame ``[x, y, x + w, y + h]`` (MONAI ``xywh`` → ``xyxy``).
+
+    Added in float64 here rather than through ``convert_box_mode``: MONAI computes box modes in float32,
+    which moves the published float coordinates (e.g. NIH's 225.084745762712) by up to ~1e-5 px.
+    """
+    if w <= 0 or h <= 0:
+        raise SourceError(
+            f"{what}: box x={x}, y={y}, w={w}, h={h} has non-positive width or height", "bad_box"
+        )
+    return np.asarray([x, y, x + w, y + h], dtype=np.float64)
+
+
+def check_box_in_image(
+    box: np.ndarray, shape: Sequence[int], what: str, tolerance: float = 0.0
+) -> np.ndarray:
+    """Return ``box`` if it lies inside ``[0, shape]``; clip it if it is out by at most ``tolerance``.
+
+    A box further out means the annotation and the image disagree (wrong image, wrong size, swapped
+    axes), so it is an error rather than something to clip away.
+    """
+    d = len(shape)
+    box = np.asarray(box, dtype=np.float64)
+    lo, hi = box[:d], box[d:]
+    limits = np.asarray(shape, dtype=np.float64)
+    over = max(float(np.max(-lo)), float(np.max(hi - limits)), 0.0)
+    if over > tolerance:
+        raise SourceError(
+            f"{what}: box {np.round(box, 3).tolist()} lies outside the image of shape {list(shape)} "
+            f"(by {over:.3g} px; tolerance {tolerance})",
+            "box_outside",
+        )
+    clipped = np.concatenate([np.clip(lo, 0, limits), np.clip(hi, 0, limits)])
+    if np.any(clipped[d:] <= clipped[:d]):
+        raise SourceError(
+            f"{what}: box {box.tolist()} is empty inside the image of shape {list(shape)}", "bad_box"
+        )
+    return clipped
+
+
+# ---------------------------------------------------------------------------------------------- headers
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What a header says about a stored image, in voxel-frame axis order (2D: x = column first)."""
+
+    path: Path
+    format: str
+    spatial_shape: tuple[int, ...]
+    spacing: tuple[float, ...] | None = None
+    affine: tuple[tuple[float, ...], ...] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def require_file(path: Path, what: str = "file") -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise SourceError(f"{path}: {what} not found", "missing_file")
+    if path.stat().st_size == 0:
+        raise SourceError(f"{path}: {what} is empty (0 bytes)", "empty_file")
+    return path
+
+
+def _is_dicom(path: Path) -> bool:
+    if path.suffix.lower() in (".dcm", ".dicom"):
+        return True
+    with path.open("rb") as handle:
+        head = handle.read(132)
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def _check_pixels(path: Path, shape: Sequence[int], max_pixels: int) -> None:
+    total = math.prod(shape)
+    if total > max_pixels:
+        raise SourceError(
+            f"{path}: header claims {total:,} pixels {list(shape)}, above the limit of {max_pixels:,}; "
+            "refusing to decode it (raise max_pixels if the image is genuine)",
+            "too_large",
+        )
+
+
+def _dicom_header(path: Path, max_pixels: int, verify: bool) -> ImageHeader:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as err:
+        raise SourceError(
+            f"{path}: cannot read DICOM header ({type(err).__name__}: {err})", "unreadable"
+        ) from None
+    rows, cols = ds.get("Rows"), ds.get("Columns")
+    if not rows or not cols:
+        raise SourceError(f"{path}: DICOM header has no Rows/Columns (not an image?)", "unreadable")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames != 1:
+        raise SourceError(f"{path}: DICOM holds {frames} frames; a 2D radiograph has one", "bad_geometry")
+    shape = (int(cols), int(rows))
+    _check_pixels(path, shape, max_pixels)
+    spacing = None
+    for tag in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = ds.get(tag)
+        if value is not None and len(value) == 2:
+            row_mm, col_mm = float(value[0]), float(value[1])
+            if math.isfinite(row_mm) and math.isfinite(col_mm) and row_mm > 0 and col_mm > 0:
+                spacing = (col_mm, row_mm)  # voxel frame: axis 0 = column
+                break
+    info = {"photometric": str(ds.get("PhotometricInterpretation", ""))}
+    if verify:
+        try:
+            full = pydicom.dcmread(path)
+            if "PixelData" not in full:
+                raise SourceError(f"{path}: DICOM has no pixel data", "unreadable")
+            if not full.file_meta.TransferSyntaxUID.is_compressed:
+                bits = int(full.get("BitsAllocated", 8))
+                need = shape[0] * shape[1] * int(full.get("SamplesPerPixel", 1)) * bits // 8
+                if len(full.PixelData) < need:
+                    raise SourceError(
+                        f"{path}: DICOM pixel data is truncated ({len(full.PixelData)} of {need} bytes)",
+                        "truncated",
+                    )
+        except SourceError:
+            raise
+        except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError) as err:
+            raise SourceError(
+                f"{path}: cannot read DICOM ({type(err).__name__}: {err})", "truncated"
+            ) from None
+    return ImageHeader(path, "dicom", shape, spacing, None, info)
+
+
+def read_image_header_2d(
+    path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PIXELS, verify: bool = True
+) -> ImageHeader:
+    """Size (and spacing where the file has one) of a 2D PNG/JPEG/DICOM image, shape ``(width, height)``.
+
+    ``verify`` decodes the pixels once (after the size check) so a truncated or corrupt file fails here,
+    at preparation time, rather than in the middle of a training run.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = require_file(Path(path), "image")
+    if _is_dicom(path):
+        return _dicom_header(path, max_pixels, verify)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                shape = (int(img.size[0]), int(img.size[1]))
+                mode, fmt = img.mode, (img.format or "").lower()
+                _check_pixels(path, shape, max_pixels)
+                if verify:
+                    img.load()
+    except SourceError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise SourceError(f"{path}: refused, image too large ({err})", "too_large") from None
+    except UnidentifiedImageError:
+        raise SourceError(f"{path}: not a readable image (PIL cannot identify it)", "unreadable") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as err:
+        raise SourceError(
+            f"{path}: cannot decode image ({type(err).__name__}: {err}); truncated?", "truncated"
+        ) from None
+    return ImageHeader(path, fmt or "image", shape, None, None, {"mode": mode})
+
+
+def _nifti_data_bytes(img: Any) -> tuple[int, int]:
+    header = img.header
+    offset = int(header.get_data_offset())
+    nbytes = int(math.prod(img.shape)) * header.get_data_dtype().itemsize
+    return offset, nbytes
+
+
+def _check_nifti_complete(path: Path, img: Any) -> None:
+    """Stream the (decompressed) file to check it holds all the data its header promises.
+
+    Streams in chunks so a CT of a gigabyte is checked without holding it in memory; written by hand
+    because nibabel only notices truncation when the data is finally read (often mid-training).
+    """
+    offset, nbytes = _nifti_data_bytes(img)
+    need = offset + nbytes
+    if str(path).endswith(".gz"):
+        got = 0
+        try:
+            with gzip.open(path, "rb") as handle:
+                while chunk := handle.read(1 << 22):
+                    got += len(chunk)
+        except (EOFError, OSError, zlib.error) as err:
+            raise SourceError(
+                f"{path}: truncated or corrupt gzip stream after {got:,} bytes ({type(err).__name__}: {err})",
+                "truncated",
+            ) from None
+    else:
+        got = path.stat().st_size
+    if got < need:
+        raise SourceError(
+            f"{path}: truncated: header promises {need:,} bytes, file holds {got:,}", "truncated"
+        )
+
+
+def read_nifti(
+    path: str | os.PathLike[str],
+    *,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+    verify: bool = True,
+    what: str = "image",
+) -> tuple[ImageHeader, Any]:
+    """Header of a 3D NIfTI (shape, spacing, affine) and the lazily loaded nibabel image.
+
+    Refuses anything that is not exactly 3D, has NaN or non-positive spacing or a non-finite affine,
+    or claims more than ``max_voxels`` voxels; ``verify`` checks the file is complete.
+    """
+    import nibabel as nib
+
+    path = require_file(Path(path), what)
+    from nibabel.openers import ImageOpener
+
+    try:
+        img = nib.load(str(path))
+        shape = tuple(int(s) for s in img.shape)
+        affine = np.asarray(img.affine, dtype=np.float64)
+        # nibabel's loader silently "fixes" zero/negative pixdim (to 1 / abs); read the raw header to see them.
+        with ImageOpener(str(path)) as handle:
+            raw = type(img.header).from_fileobj(handle, check=False)
+        zooms = tuple(float(z) for z in raw["pixdim"][1 : 1 + len(shape)])
+    except Exception as err:  # nibabel raises many types (ImageFileError, HeaderDataError, EOFError, ...)
+        raise SourceError(
+            f"{path}: cannot read NIfTI header ({type(err).__name__}: {err})", "unreadable"
+        ) from None
+    if len(shape) != 3:
+        raise SourceError(
+            f"{path}: {what} has {len(shape)} dimensions {list(shape)}; expected a 3D volume", "bad_geometry"
+        )
+    if math.prod(shape) > max_voxels:
+        raise SourceError(
+            f"{path}: header claims {math.prod(shape):,} voxels {list(shape)}, above the limit of "
+            f"{max_voxels:,}; refusing to load it",
+            "too_large",
+        )
+    if math.prod(shape) == 0:
+        raise SourceError(f"{path}: {what} has an empty shape {list(shape)}", "bad_geometry")
+    spacing = zooms[:3]
+    if not all(math.isfinite(z) and z > 0 for z in spacing):
+        raise SourceError(
+            f"{path}: {what} has invalid voxel spacing {list(spacing)} (NaN or ≤ 0)", "bad_geometry"
+        )
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise SourceError(
+            f"{path}: {what} has a non-finite or singular affine {affine.tolist()}", "bad_geometry"
+        )
+    if verify:
+        _check_nifti_complete(path, img)
+    header = ImageHeader(
+        path,
+        "nifti",
+        shape,
+        spacing,
+        tuple(tuple(float(v) for v in row) for row in affine),
+        {"dtype": str(img.header.get_data_dtype())},
+    )
+    return header, img
+
+
+def load_nifti_array(path: Path, img: Any) -> np.ndarray:
+    """The voxel array of a NIfTI loaded by :func:`read_nifti`, read errors wrapped with the file name."""
+    try:
+        return np.asanyarray(img.dataobj)
+    except Exception as err:  # EOFError, zlib.error, OSError, ValueError from nibabel's array proxy
+        raise SourceError(
+            f"{path}: cannot read voxel data ({type(err).__name__}: {err}); truncated?", "truncated"
+        ) from None
+
+
+def read_npy_header(
+    path: str | os.PathLike[str], *, max_voxels: int = DEFAULT_MAX_VOXELS, what: str = "array"
+) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of a ``.npy`` file from its header; refuses object arrays and truncated files."""
+    path = require_file(Path(path), what)
+    try:
+        with path.open("rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            if version == (1, 0):
+                shape, _fortran, dtype = np.lib.format.read_array_header_1_0(handle)
+            elif version == (2, 0):
+                shape, _fortran, dtype = np.lib.format.read_array_header_2_0(handle)
+            else:
+                raise ValueError(f"unsupported .npy format version {version}")
+            offset = handle.tell()
+    except (ValueError, OSError, EOFError) as err:
+        raise SourceError(f"{path}: not a readable .npy file ({err})", "unreadable") from None
+    if dtype.hasobject:
+        raise SourceError(f"{path}: holds Python objects; refusing to unpickle it", "unreadable")
+    total = math.prod(shape)
+    if total > max_voxels:
+        raise SourceError(
+            f"{path}: header claims {total:,} voxels {list(shape)}, above the limit of {max_voxels:,}",
+            "too_large",
+        )
+    need = offset + total * dtype.itemsize
+    size = path.stat().st_size
+    if size < need:
+        raise SourceError(
+            f"{path}: truncated: header promises {need:,} bytes, file holds {size:,}", "truncated"
+        )
+    return tuple(int(s) for s in shape), dtype
+
+
+def load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise SourceError(f"{path}: cannot read .npy data ({err})", "unreadable") from None
+
+
+# ---------------------------------------------------------------------------------------------- splits
+
+
+def check_fractions(val_fraction: float, test_fraction: float) -> None:
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not (0.0 <= value < 1.0):
+            raise DataError(f"{name} must be in [0, 1), got {value}")
+    if val_fraction + test_fraction >= 1.0:
+        raise DataError(f"val_fraction + test_fraction must be < 1, got {val_fraction} + {test_fraction}")
+
+
+def seeded_group_split(
+    groups: Sequence[str], *, val_fraction: float, test_fraction: float, seed: int
+) -> dict[str, str]:
+    """Assign each distinct group (patient, case) to train/val/test, deterministically for a seed.
+
+    Whole groups go to one split so that no patient appears in two splits. The group order is sorted
+    before the seeded shuffle, so the result does not depend on the order rows were read in.
+    """
+    check_fractions(val_fraction, test_fraction)
+    unique = sorted(set(groups))
+    order = np.random.default_rng(seed).permutation(len(unique))
+    n = len(unique)
+    n_test = round(n * test_fraction)
+    n_val = round(n * val_fraction)
+    out: dict[str, str] = {}
+    for rank, idx in enumerate(order):
+        out[unique[idx]] = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
+    return out
+
+
+def stable_choice(key: str, n: int, seed: int) -> int:
+    """An index in ``range(n)`` fixed by ``key`` and ``seed`` (independent of item order and of Python's hash)."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % n
+
+
+def short_hash(text: str, n: int = 10) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:n]
+
+
+_SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "dev": "val",
+    "test": "test",
+    "testing": "test",
+}
+
+
+def normalise_split(value: str, what: str) -> str:
+    split = _SPLIT_ALIASES.get(value.strip().lower())
+    if split is None:
+        raise SourceError(f"{what}: unknown split {value!r} (expected train/val/test)", "bad_row")
+    return split
+
+
+def find_in_tree(root: Path, names: set[str]) -> dict[str, Path]:
+    """Map file names to paths under ``root`` (one walk), for releases that nest images in sub-folders."""
+    found: dict[str, Path] = {}
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            if name in names and name not in found:
+                found[name] = Path(dirpath) / name
+    return found
+
+
+_PATIENT_RE = re.compile(r"(?:^|/)(p\d{6,})(?:/|$)")
+
+
+def mimic_patient(path: str) -> str | None:
+    """The MIMIC patient folder (``p10000032``) in a MIMIC-CXR relative path, if any."""
+    match = _PATIENT_RE.search(path.replace("\\", "/"))
+    return match.group(1) if match else None
+
+
+def wrap_box_error(fn: Callable[[], T], what: str) -> T:
+    try:
+        return fn()
+    except BoxError as err:
+        raise SourceError(f"{what}: {err}", "bad_box") from None
