@@ -373,8 +373,9 @@ def build_instruction(
     if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth <= 0):
         raise ConfigError(f"depth must be a positive integer, got {depth!r}")
     codec = codec if codec is not None else AbsolutePixelCodec()
-    if tpl.terse:
-        return f"Find {_clean_phrase(phrase, record_id)}."
+    if tpl.terse:  # a question is asked as written, a noun phrase as "Find …."
+        clean = _clean_phrase(phrase, record_id)
+        return clean if clean.endswith(("?", ".")) else f"Find {clean}."
     if coordinate_note is None:
         coordinate_note = ndim == 3 or not isinstance(codec, AbsolutePixelCodec)
     parts = [QUESTION_TEMPLATE.format(phrase=_clean_phrase(phrase, record_id))]

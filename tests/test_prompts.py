@@ -975,6 +975,7 @@ def test_tokenizer_save_and_reload(tmp_path: Any, tokenizer: Any) -> None:
 def test_terse_template_round_trip() -> None:
     """The tiny-model template: a short question and a bare list that the lenient parser reads back."""
     assert build_instruction("the lesion", 3, template="terse") == "Find the lesion."
+    assert build_instruction("Where is the lesion?", 3, template="terse") == "Where is the lesion?"
     completion = format_completion([3, 4, 1, 10, 12, 5], 3, template="terse")
     assert completion == "<answer>[3,4,1,10,12,5]</answer>"
     parsed = parse_completion(completion, 3)

@@ -362,25 +362,43 @@ def _sources_from_args(args: argparse.Namespace) -> list[Source]:
 
 def _synthetic_sources(args: argparse.Namespace) -> list[Source]:
     """Generate phantoms with :mod:`mg3d.data.synthetic`, then read them back through the real adapters."""
+    raw = args.raw_dir if args.raw_dir is not None else args.out / "raw"
+    options = {} if args.ct_shape is None else {"shape": tuple(args.ct_shape)}
+    return synthetic_sources(
+        args.kind, raw, args.n, gen_seed=args.gen_seed, layout=args.layout, split_seed=args.seed,
+        val_fraction=args.val_fraction, verify_images=not args.no_verify, on_error=args.on_error, **options,
+    )  # fmt: skip
+
+
+def synthetic_sources(
+    kind: str,
+    raw: str | os.PathLike[str],
+    n: int,
+    *,
+    gen_seed: int = 0,
+    layout: str = "mscxr",
+    split_seed: int = 0,
+    val_fraction: float = 0.1,
+    verify_images: bool = True,
+    on_error: str = "raise",
+    questions_per_region: Sequence[int] | None = None,
+    **options: Any,
+) -> list[Source]:
+    """Write ``n`` phantoms of ``kind`` (``ct3d`` / ``cxr2d``) under ``raw`` in a published layout and return
+    the real adapters that read them (``options`` go to the generator, e.g. ``shape``, ``single_lesion``)."""
     from mg3d.data import synthetic
 
-    raw = args.raw_dir if args.raw_dir is not None else args.out / "raw"
-    common = {"verify_images": not args.no_verify, "on_error": args.on_error}
-    if args.kind == "ct3d":
-        options = {} if args.ct_shape is None else {"shape": tuple(args.ct_shape)}
-        synthetic.make_ct3d(raw, args.n, args.gen_seed, **options)
-        return [
-            M3DRefSegSource(
-                raw, seed=args.seed, val_fraction=args.val_fraction, dataset="synthetic3d", **common
-            )
-        ]
-    synthetic.make_cxr2d(raw, args.n, args.gen_seed, layout=args.layout)
-    if args.layout == "mscxr":
-        return [
-            MSCXRSource(
-                raw / synthetic.MSCXR_CSV_NAME, raw, split_seed=args.seed, dataset="synthetic2d", **common
-            )
-        ]
+    raw = Path(raw)
+    common = {"verify_images": verify_images, "on_error": on_error}
+    if kind == "ct3d":
+        extra = {} if questions_per_region is None else {"questions_per_region": tuple(questions_per_region)}
+        synthetic.make_ct3d(raw, n, gen_seed, **extra, **options)
+        return [M3DRefSegSource(raw, seed=split_seed, val_fraction=val_fraction, dataset="synthetic3d", **common)]
+    if kind != "cxr2d":
+        raise ConfigError(f"unknown synthetic kind {kind!r}; use 'ct3d' or 'cxr2d'")
+    synthetic.make_cxr2d(raw, n, gen_seed, layout=layout, **options)
+    if layout == "mscxr":
+        return [MSCXRSource(raw / synthetic.MSCXR_CSV_NAME, raw, split_seed=split_seed, dataset="synthetic2d", **common)]
     return [
         ChestXray8Source(
             raw / "BBox_List_2017.csv",
@@ -388,8 +406,8 @@ def _synthetic_sources(args: argparse.Namespace) -> list[Source]:
             data_entry_csv=raw / "Data_Entry_2017.csv",
             test_list=raw / "test_list.txt",
             train_val_list=raw / "train_val_list.txt",
-            val_fraction=args.val_fraction,
-            seed=args.seed,
+            val_fraction=val_fraction,
+            seed=split_seed,
             expected_size=None,
             dataset="synthetic2d",
             **common,
