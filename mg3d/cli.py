@@ -36,6 +36,9 @@ class MG3DCLI(LightningCLI):
                         "init_args": {"save_last": True, "every_n_train_steps": 100},
                     },
                 ],
+                # The DataModule's sampler is already per rank (seed + rank) and resumable mid-epoch;
+                # Lightning's distributed wrapper would re-split it and lose the resume position.
+                "trainer.use_distributed_sampler": False,
             }
         )
 

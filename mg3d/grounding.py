@@ -114,14 +114,16 @@ class GroundingPrompter:
 
     # -- prompts ----------------------------------------------------------------------------------------
 
-    def tokenize_sample(self, sample: Mapping[str, Any]) -> TokenizedVisual:
-        """The sample's visual as model inputs, with its frame extended to the text grid."""
-        frame = sample["frame"]
-        region = sample.get("boxes") if self.visual_tokenizer.volume_strategy != "video" else None
-        region_box = None
-        if region is not None and len(region):
-            region_box = frame.to_text(np.asarray(region, dtype=float))[0]  # pipeline grid == visual's input grid
-        return self.visual_tokenizer(sample["image"], frame, spacing=sample.get("spacing"), region=region_box)
+    def tokenize_sample(self, sample: Mapping[str, Any], *, region_hint: bool = False) -> TokenizedVisual:
+        """The sample's visual as model inputs, with its frame extended to the text grid.
+
+        ``region_hint`` lets the ``slices``/``montage`` strategies centre their slices on the ground truth —
+        a training crop. Never at evaluation or inference: it would leak the answer into the input.
+        """
+        region = None
+        if region_hint and self.visual_tokenizer.volume_strategy != "video" and len(sample.get("boxes", [])):
+            region = np.asarray(sample["boxes"], dtype=float)[0]  # voxel frame; the tokenizer maps it
+        return self.visual_tokenizer(sample["image"], sample["frame"], spacing=sample.get("spacing"), region=region)
 
     def _messages(self, sample: Mapping[str, Any], visual: TokenizedVisual) -> list[dict[str, Any]]:
         ndim = visual.ndim
@@ -148,7 +150,7 @@ class GroundingPrompter:
         values = self.codec.encode(text_box, visual.text_shape)
         return format_completion(values, visual.ndim, template=self.template)
 
-    def build(self, samples: Sequence[Mapping[str, Any]]) -> PromptBatch:
+    def build(self, samples: Sequence[Mapping[str, Any]], *, region_hint: bool = False) -> PromptBatch:
         """Tokenize the visuals, render the chat prompts and assemble one left-padded model batch."""
         if not samples:
             raise DataError("cannot build prompts for an empty batch")
@@ -156,7 +158,7 @@ class GroundingPrompter:
         for sample in samples:
             sid = sample.get("id", "?")
             try:
-                visual = self.tokenize_sample(sample)
+                visual = self.tokenize_sample(sample, region_hint=region_hint)
                 gt = validate_boxes(sample["boxes"], visual.ndim, what=f"record {sid} boxes")
             except (BoxError, ConfigError) as err:
                 raise DataError(f"record {sid}: {err}") from err

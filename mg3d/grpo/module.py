@@ -43,7 +43,7 @@ from mg3d.grpo.config import EvalConfig, OptimConfig, PolicyConfig, PromptConfig
 from mg3d.grpo.loss import GRPOLossConfig, group_advantages, grpo_loss, needs_old_logps
 from mg3d.grpo.rollout import HFRolloutBackend, Rollout, RolloutConfig, completion_logprobs
 from mg3d.grpo.schedule import PhaseSchedule
-from mg3d.rewards.base import RewardSet, RewardTarget
+from mg3d.rewards import RewardSet, RewardTarget
 from mg3d.sft import sft_loss
 
 log = logging.getLogger(__name__)
@@ -283,7 +283,7 @@ class GRPOModule(pl.LightningModule):
 
     def _warm_start_step(self, samples: Sequence[Mapping[str, Any]]) -> None:
         start = time.perf_counter()
-        batch = self.prompter.build(samples)
+        batch = self.prompter.build(samples, region_hint=True)
         loss, metrics = sft_loss(self.policy, batch)
         if not torch.isfinite(loss):
             self._skip_nonfinite("supervised loss")
@@ -339,7 +339,7 @@ class GRPOModule(pl.LightningModule):
     def _grpo_step(self, samples: Sequence[Mapping[str, Any]]) -> None:
         start = time.perf_counter()
         cfg, G = self.loss_config, self.rollout_config.num_generations
-        batch = self.prompter.build(samples)
+        batch = self.prompter.build(samples, region_hint=True)
         rollout = self._rollout_backend().generate(batch.inputs, self.rollout_config)
         gen_time = time.perf_counter() - start
 
@@ -564,9 +564,10 @@ class GRPOModule(pl.LightningModule):
         results["n"] = float(len(samples))
         results["step"] = float(self.global_step)
         self.eval_results[stage] = results
-        for key, value in results.items():
-            if key not in ("n", "step"):
-                self.log(f"eval_{stage}/{key}", value, batch_size=len(samples))
+        # Straight to the loggers: this also runs in on_train_end, where self.log is not allowed.
+        scalars = {f"eval_{stage}/{k}": v for k, v in results.items() if k not in ("n", "step")}
+        for logger in self.loggers:
+            logger.log_metrics(scalars, step=self.global_step)
         log.info("evaluation %s: %s", stage, results)
 
     def on_train_end(self) -> None:

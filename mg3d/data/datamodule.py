@@ -1,0 +1,404 @@
+"""``GroundingDataModule``: several manifests (2D and 3D) mixed by weight, one pipeline per source.
+
+Batch contract (what :func:`collate_samples` returns and ``GRPOModule.training_step`` receives)
+--------------------------------------------------------------------------------------------
+A ``list`` of per-sample dicts, each exactly the sample contract of ``mg3d.data.transforms`` —
+``image`` (a 2D radiograph ``(C, x, y)`` can sit next to a volume ``(C, x, y, z)``), ``boxes`` (original
+voxel frame), ``target_boxes``, ``frame`` (:class:`~mg3d.boxes.CoordinateFrame`), ``text``, ``id``,
+``ndim``, ``modality``, ``spacing``, ``affine`` … Nothing is stacked: each phrase stays with its own
+visual, boxes and frame whatever their shapes, and Lightning still moves the tensors inside the dicts to
+the device. :func:`batch_columns` gives the same batch as a dict of aligned lists when that is handier.
+
+Sources
+-------
+Each :class:`SourceConfig` names a manifest: a folder holding ``train.jsonl`` / ``val.jsonl`` /
+``test.jsonl`` (what ``scripts/prepare_data.py`` writes) or one ``.jsonl`` file whose records are split
+by their ``split`` field. Training draws a sample from source ``s`` with probability
+``weight_s / Σ weight`` whatever the sources' sizes (so a small M3D-RefSeg is not drowned by a large
+ChestX-ray8); validation and test read every record once, in order.
+
+Caching
+-------
+The deterministic part of each pipeline (decode, orientation, spacing, preset, crop, fit) is cached:
+``cache="memory"`` (MONAI ``CacheDataset``, filled in ``setup``), ``"disk"`` (``PersistentDataset`` under
+``cache_dir``, reused across runs) or ``"none"``. Random augmentations run after the cache on every draw.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
+from torch.utils.data import ConcatDataset, Sampler
+
+from mg3d.data.records import SPLITS, GroundingRecord, read_manifest
+from mg3d.data.transforms import PipelineConfig, build_pipeline, record_to_item
+from mg3d.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["GroundingDataModule", "SourceConfig", "batch_columns", "collate_samples", "load_source_records"]
+
+
+@dataclass
+class SyntheticConfig:
+    """Phantoms written on first use into a source's folder (the demo's data; nothing is downloaded).
+
+    Args:
+        kind: ``ct3d`` (M3D-RefSeg layout) or ``cxr2d`` (MS-CXR or ChestX-ray8 layout, see ``layout``).
+        n: number of phantom volumes / images.
+        seed: generator seed (the same seed writes byte-identical files).
+        split_seed: seed of the case-level train/val/test split.
+        val_fraction: share of cases held out for validation.
+        layout: 2D on-disk layout, ``mscxr`` or ``chestxray8``.
+        questions_per_region: (description, reasoning) questions written per 3D region.
+        options: generator options, e.g. ``{"shape": [64, 64, 16], "single_lesion": true}``.
+    """
+
+    kind: Literal["ct3d", "cxr2d"] = "ct3d"
+    n: int = 64
+    seed: int = 0
+    split_seed: int = 0
+    val_fraction: float = 0.1
+    layout: Literal["mscxr", "chestxray8"] = "mscxr"
+    questions_per_region: list[int] | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SourceConfig:
+    """One manifest source.
+
+    Args:
+        path: folder with ``{train,val,test}.jsonl`` or a single ``.jsonl`` manifest.
+        weight: relative sampling weight during training (independent of the source's size).
+        name: label used in errors and logs (defaults to the path's name).
+        pipeline: the source's pipeline options (model grid, orientation, preset, augmentations).
+        max_records: keep only the first N records per split (quick experiments).
+        synthetic: if set and ``path`` holds no manifest yet, write phantoms there first (``prepare_data``).
+    """
+
+    path: str
+    weight: float = 1.0
+    name: str | None = None
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    max_records: int | None = None
+    synthetic: SyntheticConfig | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.pipeline, Mapping):
+            self.pipeline = PipelineConfig(**self.pipeline)
+        if isinstance(self.synthetic, Mapping):
+            self.synthetic = SyntheticConfig(**self.synthetic)
+        if not self.weight > 0:
+            raise ConfigError(f"source {self.label}: weight must be positive, got {self.weight}")
+        if self.max_records is not None and self.max_records <= 0:
+            raise ConfigError(f"source {self.label}: max_records must be positive, got {self.max_records}")
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.path).name
+
+
+def load_source_records(source: SourceConfig, split: str) -> list[GroundingRecord]:
+    """Records of one split of a source; ``[]`` when a folder source has no file for that split."""
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r}; known: {SPLITS}")
+    path = Path(source.path).expanduser()
+    if path.is_dir():
+        manifest = path / f"{split}.jsonl"
+        records = read_manifest(manifest) if manifest.is_file() else []
+    elif path.is_file():
+        records = [r for r in read_manifest(path) if r.split == split]
+    else:
+        raise DataError(f"source {source.label}: {path} is neither a manifest folder nor a .jsonl file")
+    return records[: source.max_records] if source.max_records else records
+
+
+def collate_samples(samples: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Collate pipeline samples into a list of sample dicts (nothing stacked; see the module docstring).
+
+    Refuses an empty batch and samples whose keys differ (a sign that two pipelines disagree on the contract).
+    """
+    if not samples:
+        raise DataError("collate_samples: empty batch")
+    keys = set(samples[0])
+    for sample in samples[1:]:
+        if set(sample) != keys:
+            differ = sorted(keys ^ set(sample))
+            raise DataError(
+                f"collate_samples: sample {sample.get('id')!r} and {samples[0].get('id')!r} differ in keys {differ}"
+            )
+    return [dict(sample) for sample in samples]
+
+
+def batch_columns(batch: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    """A batch as a dict of aligned lists: ``batch_columns(b)["text"][i]`` belongs to ``b[i]``."""
+    return {key: [sample[key] for sample in batch] for key in (batch[0] if batch else {})}
+
+
+class ResumableWeightedSampler(Sampler[int]):
+    """Weighted sampling with replacement whose order is a pure function of (seed, epoch), and that can
+    start part-way through an epoch — so a run resumed from a mid-epoch checkpoint sees exactly the samples
+    the uninterrupted run would have seen (torch's ``WeightedRandomSampler`` cannot skip ahead)."""
+
+    def __init__(self, weights: torch.Tensor, num_samples: int, seed: int) -> None:
+        self.weights = torch.as_tensor(weights, dtype=torch.double)
+        self.num_samples = int(num_samples)
+        self.seed = int(seed)
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.start = 0  # a skip applies only to the epoch it was recorded in
+        self.epoch = int(epoch)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=generator)
+        start, self.start = self.start, 0
+        return iter(order[start:].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+@dataclass
+class _Part:
+    """One (source, ndim) slice of a split: its dataset and what the sampling weights need."""
+
+    source_index: int
+    source: SourceConfig
+    ndim: int
+    dataset: Dataset
+    size: int
+
+
+class GroundingDataModule(L.LightningDataModule):
+    """Mix 2D and 3D grounding sources, each with its own pipeline, into one training stream.
+
+    Args:
+        sources: manifest sources with their sampling weights and pipelines.
+        batch_size: training batch size (samples per step).
+        eval_batch_size: validation/test batch size (defaults to ``batch_size``).
+        num_workers: DataLoader worker processes.
+        seed: base seed for sampling and augmentation; each rank uses ``seed + rank``.
+        cache: ``memory`` (CacheDataset), ``disk`` (PersistentDataset under ``cache_dir``) or ``none``.
+        cache_dir: folder for ``cache="disk"``.
+        samples_per_epoch: training draws per epoch (default: the total number of training records).
+        cache_workers: threads used to fill the memory cache.
+        pin_memory: pin batches for GPU transfer.
+    """
+
+    def __init__(
+        self,
+        sources: list[SourceConfig],
+        batch_size: int = 4,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        cache: Literal["memory", "disk", "none"] = "memory",
+        cache_dir: str | None = None,
+        samples_per_epoch: int | None = None,
+        cache_workers: int = 1,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        # Stored in checkpoints so that inference (mg3d.grounder) rebuilds the exact pipelines.
+        self.save_hyperparameters()
+        self.sources = [s if isinstance(s, SourceConfig) else SourceConfig(**s) for s in sources]
+        if not self.sources:
+            raise ConfigError("GroundingDataModule: give at least one source")
+        if batch_size <= 0 or (eval_batch_size is not None and eval_batch_size <= 0):
+            raise ConfigError(
+                f"GroundingDataModule: batch sizes must be positive, got {batch_size}, {eval_batch_size}"
+            )
+        if cache not in ("memory", "disk", "none"):
+            raise ConfigError(f"GroundingDataModule: cache must be 'memory', 'disk' or 'none', got {cache!r}")
+        if cache == "disk" and not cache_dir:
+            raise ConfigError("GroundingDataModule: cache='disk' needs cache_dir")
+        if samples_per_epoch is not None and samples_per_epoch <= 0:
+            raise ConfigError(
+                f"GroundingDataModule: samples_per_epoch must be positive, got {samples_per_epoch}"
+            )
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.cache = cache
+        self.cache_dir = cache_dir
+        self.samples_per_epoch = samples_per_epoch
+        self.cache_workers = cache_workers
+        self.pin_memory = pin_memory
+        self._parts: dict[str, list[_Part]] = {}
+        self._resume: tuple[int, int] = (0, 0)
+        self._sampler: ResumableWeightedSampler | None = None
+
+    # ------------------------------------------------------------------------------------------ datasets
+
+    @property
+    def rank(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.global_rank) if trainer is not None else 0
+
+    def _dataset(self, items: list[dict[str, Any]], index: int, ndim: int, split: str) -> Dataset:
+        source = self.sources[index]
+        pipeline = build_pipeline(source.pipeline, ndim, train=split == "train")
+        # distinct augmentation streams per rank and per part; workers are reseeded by MONAI's DataLoader
+        pipeline.set_random_state(self.seed + 1_000_003 * self.rank + 10 * index + ndim)
+        if self.cache == "memory":
+            base: Dataset = CacheDataset(items, pipeline.deterministic, num_workers=self.cache_workers,
+                                         progress=False)  # fmt: skip
+        elif self.cache == "disk":
+            folder = Path(str(self.cache_dir)) / f"{index}-{source.label}-{split}-{ndim}d"
+            base = PersistentDataset(items, pipeline.deterministic, cache_dir=folder, track_meta=True)
+        else:
+            base = Dataset(items, pipeline.deterministic)
+        return Dataset(base, pipeline.random)  # type: ignore[arg-type]  # a dataset is a valid data sequence
+
+    def build_split(self, split: str) -> list[_Part]:
+        """Datasets of ``split``, one per (source, ndim); built once and kept."""
+        if split in self._parts:
+            return self._parts[split]
+        parts: list[_Part] = []
+        for index, source in enumerate(self.sources):
+            records = load_source_records(source, split)
+            by_ndim: dict[int, list[dict[str, Any]]] = {}
+            for record in records:
+                by_ndim.setdefault(record.ndim, []).append(record_to_item(record))
+            for ndim, items in sorted(by_ndim.items()):
+                try:
+                    source.pipeline.check_ndim(ndim, where=f"source {source.label}")
+                except ConfigError as err:
+                    raise ConfigError(f"{err} (record {items[0]['id']!r})") from None
+                parts.append(_Part(index, source, ndim, self._dataset(items, index, ndim, split), len(items)))
+        self._parts[split] = parts
+        return parts
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        for split in wanted.get(stage or "fit", SPLITS):
+            self.build_split(split)
+        if (stage or "fit") == "fit" and not self.build_split("train"):
+            raise DataError(f"no training records in any source: {[s.path for s in self.sources]}")
+
+    # ------------------------------------------------------------------------------------------ loaders
+
+    def _concat(self, split: str) -> tuple[ConcatDataset, list[_Part]]:
+        parts = self.build_split(split)
+        if not parts:
+            raise DataError(f"no {split} records in any source: {[s.path for s in self.sources]}")
+        return ConcatDataset([p.dataset for p in parts]), parts
+
+    def sample_weights(self, split: str = "train") -> torch.Tensor:
+        """Per-sample draw probabilities: each source gets ``weight / Σ weights`` spread over its samples."""
+        parts = self.build_split(split)
+        sizes: dict[int, int] = {}
+        for part in parts:
+            sizes[part.source_index] = sizes.get(part.source_index, 0) + part.size
+        total = sum(self.sources[i].weight for i in sizes)
+        chunks = [torch.full((p.size,), p.source.weight / total / sizes[p.source_index], dtype=torch.float64)
+                  for p in parts]  # fmt: skip
+        return torch.cat(chunks)
+
+    def _loader(self, dataset: ConcatDataset, batch_size: int, **kwargs: Any) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=self.num_workers,
+            collate_fn=collate_samples,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            **kwargs,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        dataset, _ = self._concat("train")
+        weights = self.sample_weights("train")
+        sampler = ResumableWeightedSampler(
+            weights, num_samples=self.samples_per_epoch or len(dataset), seed=self.seed + self.rank
+        )
+        epoch, skip = self._resume
+        sampler.set_epoch(epoch)
+        sampler.start = skip
+        self._sampler = sampler
+        generator = torch.Generator().manual_seed(self.seed + self.rank)
+        return self._loader(dataset, self.batch_size, sampler=sampler, generator=generator)
+
+    # ------------------------------------------------------------------------------------------ resume
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the training stream stands: epoch and samples already consumed in it (for exact resume)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return {}
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        return {"epoch": int(trainer.current_epoch), "samples_consumed": int(progress) * self.batch_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resume = (int(state.get("epoch", 0)), int(state.get("samples_consumed", 0)))
+
+    # ------------------------------------------------------------------------------------------ first use
+
+    def prepare_data(self) -> None:
+        """Write synthetic phantoms and their manifests for sources that ask for them and have none yet."""
+        from mg3d.data.prepare import prepare, synthetic_sources
+
+        for source in self.sources:
+            spec = source.synthetic
+            folder = Path(source.path)
+            if spec is None or (folder / "train.jsonl").is_file():
+                continue
+            log.info("writing %d synthetic %s phantoms to %s (first use)", spec.n, spec.kind, folder)
+            adapters = synthetic_sources(
+                spec.kind, folder / "raw", spec.n, gen_seed=spec.seed, layout=spec.layout,
+                split_seed=spec.split_seed, val_fraction=spec.val_fraction,
+                questions_per_region=spec.questions_per_region, **spec.options,
+            )  # fmt: skip
+            prepare(
+                adapters,
+                folder,
+                relative_paths=True,
+                progress=False,
+                command=["GroundingDataModule.prepare_data"],
+            )
+
+    def eval_samples(self, max_samples: int | None = None, split: str = "val") -> list[dict[str, Any]]:
+        """Held-out samples (the ``val`` split, else ``test``) through the deterministic pipeline, in order."""
+        parts = self.build_split(split) or self.build_split("test")
+        samples: list[dict[str, Any]] = []
+        for part in parts:
+            for i in range(part.size):
+                if max_samples is not None and len(samples) >= max_samples:
+                    return samples
+                samples.append(part.dataset[i])
+        return samples
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation batches; ``[]`` (Lightning: no validation) when no source has a val split."""
+        if not self.build_split("val"):
+            log.warning(
+                "no val records in any source %s: validation is skipped", [s.path for s in self.sources]
+            )
+            return []
+        return self._loader(self._concat("val")[0], self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self._concat("test")[0], self.eval_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    def source_counts(self, split: str = "train") -> dict[str, dict[int, int]]:
+        """Records per source and ndim in ``split`` (for logs and the data summary)."""
+        out: dict[str, dict[int, int]] = {}
+        for part in self.build_split(split):
+            out.setdefault(part.source.label, {})[part.ndim] = part.size
+        return out
