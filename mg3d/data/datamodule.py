@@ -38,7 +38,7 @@ from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
 from torch.utils.data import ConcatDataset, Sampler
 
 from mg3d.data.records import SPLITS, GroundingRecord, read_manifest
-from mg3d.data.transforms import PipelineConfig, build_pipeline, record_to_item
+from mg3d.data.transforms import AugmentConfig, PipelineConfig, build_pipeline, record_to_item
 from mg3d.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -141,6 +141,11 @@ def collate_samples(samples: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]
 def batch_columns(batch: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
     """A batch as a dict of aligned lists: ``batch_columns(b)["text"][i]`` belongs to ``b[i]``."""
     return {key: [sample[key] for sample in batch] for key in (batch[0] if batch else {})}
+
+
+# Checkpoints store the DataModule's hyper-parameters (these dataclasses); Lightning loads checkpoints with
+# weights_only=True, so they are allow-listed for the safe unpickler, and nothing else is.
+torch.serialization.add_safe_globals([SourceConfig, SyntheticConfig, PipelineConfig, AugmentConfig])
 
 
 class ResumableWeightedSampler(Sampler[int]):

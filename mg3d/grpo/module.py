@@ -52,6 +52,12 @@ __all__ = ["GRPOModule"]
 
 DEFAULT_REWARDS: dict[str, Any] = {"format": 1.0, "iou": 1.0}
 
+# Lightning resumes with torch.load(weights_only=True): the checkpoint's hyper-parameters are these plain
+# configuration dataclasses, so they are allow-listed — and nothing else, so a crafted pickle still fails.
+torch.serialization.add_safe_globals(
+    [PolicyConfig, PromptConfig, OptimConfig, WarmStartConfig, EvalConfig, RolloutConfig, GRPOLossConfig]
+)
+
 
 def as_samples(batch: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     """The DataModule's dict of aligned lists as a list of per-sample dicts (a list passes through)."""
@@ -168,6 +174,7 @@ class GRPOModule(pl.LightningModule):
         self._nonfinite_streak = 0
         self.nonfinite_skips = 0
         self.eval_results: dict[str, dict[str, float]] = {}
+        self.grpo_phase_started = False
 
     # ------------------------------------------------------------------ set-up
 
@@ -212,6 +219,7 @@ class GRPOModule(pl.LightningModule):
             checkpoint["mg3d_sampling_rng"] = backend.generator.get_state()
         checkpoint["mg3d_eval_results"] = self.eval_results
         checkpoint["mg3d_nonfinite_skips"] = self.nonfinite_skips
+        checkpoint["mg3d_grpo_phase_started"] = self.grpo_phase_started
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("mg3d_sampling_rng")
@@ -219,6 +227,7 @@ class GRPOModule(pl.LightningModule):
             self._rollout_backend().generator.set_state(state)  # type: ignore[union-attr]
         self.eval_results = dict(checkpoint.get("mg3d_eval_results", {}))
         self.nonfinite_skips = int(checkpoint.get("mg3d_nonfinite_skips", 0))
+        self.grpo_phase_started = bool(checkpoint.get("mg3d_grpo_phase_started", False))
 
     # ------------------------------------------------------------------ training
 
@@ -242,12 +251,13 @@ class GRPOModule(pl.LightningModule):
         if self.in_warm_start():
             self._warm_start_step(batch)
             return
-        if self.global_step == self.grpo_start_step and "warm_start" not in self.eval_results:
+        if not self.grpo_phase_started:
             self._start_grpo_phase()
         self._grpo_step(batch)
 
     def _start_grpo_phase(self) -> None:
         """Reset AdamW's moments (GRPO starts as a fresh run would) and evaluate the warm-started policy."""
+        self.grpo_phase_started = True
         optimizer = self.optimizers()
         optimizer.optimizer.state.clear()  # type: ignore[union-attr]
         self._evaluate("warm_start" if self.grpo_start_step > 0 else "start")
@@ -360,6 +370,7 @@ class GRPOModule(pl.LightningModule):
 
         metrics: dict[str, float] = dict(reward_out.metrics())
         metrics["frac_reward_zero_std"] = adv.frac_reward_zero_std
+        metrics["num_completions_global"] = float(all_rewards.shape[0])
         ious = parsed.best_iou
         metrics["iou/mean"] = float(np.nanmean(np.where(parsed.has_box, ious, 0.0)))
         metrics["parse_failure_rate"] = float(1.0 - parsed.has_box.mean())

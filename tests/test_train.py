@@ -1,0 +1,229 @@
+"""The main job: GRPOModule + GroundingDataModule through Lightning and the real ``scripts/train.py``.
+
+Tiny settings throughout: 16 phantoms of 32×32×8 voxels, a handful of steps. What is checked is behaviour —
+logged metrics, checkpoints, exact resume, DDP weight sync, the non-finite guard, every config file — not
+learning (the demo and docs/benchmarks.md measure that).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+
+from mg3d.data.datamodule import GroundingDataModule, SourceConfig, SyntheticConfig
+from mg3d.data.transforms import PipelineConfig
+from mg3d.grpo.config import EvalConfig, OptimConfig, PromptConfig, WarmStartConfig
+from mg3d.grpo.loss import GRPOLossConfig
+from mg3d.grpo.module import GRPOModule, format_summary
+from mg3d.grpo.rollout import RolloutConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_SHAPE = [32, 32, 16]
+
+
+@pytest.fixture(scope="module")
+def phantom_source(tmp_path_factory) -> SourceConfig:
+    folder = tmp_path_factory.mktemp("phantoms") / "ct3d"
+    source = SourceConfig(
+        path=str(folder),
+        synthetic=SyntheticConfig(kind="ct3d", n=16, seed=3, val_fraction=0.25, questions_per_region=[1, 0],
+                                  options={"shape": TINY_SHAPE, "single_lesion": True}),  # fmt: skip
+        pipeline=PipelineConfig(spatial_size=(28, 28, 8)),
+    )
+    GroundingDataModule([source]).prepare_data()
+    return source
+
+
+def make_datamodule(source: SourceConfig, batch_size: int = 2) -> GroundingDataModule:
+    return GroundingDataModule([source], batch_size=batch_size, cache="memory", seed=0)
+
+
+def make_module(**overrides) -> GRPOModule:
+    kwargs = dict(
+        prompt=PromptConfig(template="terse", system_prompt="", max_vision_tokens=32),
+        rollout=RolloutConfig(num_generations=2, max_new_tokens=12),
+        loss=GRPOLossConfig(loss_type="dapo"),
+        rewards={"iou": 1.0, "format": {"weight": 0.1, "mode": "lenient"}},
+        optim=OptimConfig(lr=1e-3, schedule="constant"),
+        warm_start=WarmStartConfig(steps=2, lr=1e-3),
+        evaluation=EvalConfig(enabled=False),
+        log_completions_every_n_steps=0,
+    )
+    kwargs.update(overrides)
+    return GRPOModule(**kwargs)
+
+
+def weights(module: GRPOModule) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.model.state_dict().items()}
+
+
+def trainer(tmp: Path, max_steps: int, **kwargs) -> pl.Trainer:
+    defaults = dict(
+        accelerator="cpu", devices=1, max_steps=max_steps, max_epochs=-1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(tmp),
+        use_distributed_sampler=False,
+    )  # fmt: skip
+    defaults.update(kwargs)
+    return pl.Trainer(**defaults)
+
+
+def test_format_summary_table():
+    table = format_summary(
+        {"warm_start": {"greedy/mIoU": 0.2, "greedy/acc@0.5": 0.1, "step": 10, "n": 5},
+         "after_grpo": {"greedy/mIoU": 0.25, "greedy/acc@0.5": 0.2, "step": 20, "n": 5}}
+    )  # fmt: skip
+    assert "| warm_start | 10 | 0.200 | 0.100 | – |" in table
+    assert "+0.050" in table
+
+
+@pytest.mark.slow
+def test_exact_resume_matches_uninterrupted_run(phantom_source, tmp_path):
+    """Stop after 4 steps (warm start done, inside GRPO), resume from the checkpoint: same weights at step 7."""
+    pl.seed_everything(0)
+    full = make_module(steps_per_generation=1)
+    trainer(tmp_path / "full", 7).fit(full, make_datamodule(phantom_source))
+    reference = weights(full)
+
+    pl.seed_everything(0)
+    first = make_module(steps_per_generation=1)
+    ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
+    trainer(tmp_path / "a", 4, callbacks=[ckpt_cb], enable_checkpointing=True).fit(
+        first, make_datamodule(phantom_source)
+    )
+    ckpt = next((tmp_path / "ckpt").glob("*step=4*.ckpt"))
+    pl.seed_everything(123)  # a resumed run must not depend on the global seed at restart
+    resumed = make_module(steps_per_generation=1)
+    trainer(tmp_path / "b", 7).fit(resumed, make_datamodule(phantom_source), ckpt_path=str(ckpt))
+    assert resumed.grpo_phase_started
+    for key, value in reference.items():
+        torch.testing.assert_close(weights(resumed)[key], value, rtol=0, atol=0, msg=f"{key} differs after resume")
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_skips_steps_and_stops(phantom_source, tmp_path, monkeypatch):
+    """A NaN loss (injected into the real loss) skips the step; 3 in a row stop the run; NaN never lands."""
+    import mg3d.grpo.module as module_mod
+
+    real_loss = module_mod.grpo_loss
+
+    def poisoned(*args, **kwargs):
+        loss, metrics = real_loss(*args, **kwargs)
+        return loss * float("nan"), metrics
+
+    monkeypatch.setattr(module_mod, "grpo_loss", poisoned)
+    module = make_module(max_consecutive_nonfinite=3)
+    with pytest.raises(FloatingPointError, match="3 consecutive steps"):
+        trainer(tmp_path, 20).fit(module, make_datamodule(phantom_source))
+    assert module.nonfinite_skips == 3
+    assert module.global_step == 2  # the two warm-start steps; no GRPO step was taken
+    for key, value in weights(module).items():
+        assert torch.isfinite(value).all(), key
+
+
+class _RecordWeights(pl.Callback):
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        total = sum(float(p.double().sum()) for p in pl_module.model.parameters())
+        gathered = pl_module.trainer.callback_metrics.get("train/num_completions_global")
+        (self.folder / f"rank{trainer.global_rank}.json").write_text(
+            json.dumps({"checksum": total, "global_completions": float(gathered) if gathered is not None else None})
+        )
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_keep_weights_in_sync(phantom_source, tmp_path):
+    module = make_module()
+    dm = make_datamodule(phantom_source)
+    t = trainer(tmp_path, 4, devices=2, strategy="ddp_spawn", callbacks=[_RecordWeights(tmp_path)])
+    t.fit(module, dm)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=0, abs=1e-9)
+    # advantages were computed on both ranks' completions: 2 prompts × 2 completions × 2 ranks
+    assert ranks[0]["global_completions"] == 8.0
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_train_script_fit_logs_and_checkpoints(phantom_source, tmp_path):
+    """The real entry point on tiny settings: metrics in the CSV log, a last checkpoint, the summary table."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    source = {"path": phantom_source.path, "pipeline": {"spatial_size": [28, 28, 8]}}
+    args = [
+        sys.executable, str(ROOT / "scripts" / "train.py"), "fit", "--config", str(ROOT / "configs" / "demo.yaml"),
+        "--trainer.max_steps=5", "--model.warm_start.steps=2", "--model.steps_per_generation=1",
+        "--model.rollout.num_generations=2", "--model.rollout.max_new_tokens=12", "--model.prompt.max_vision_tokens=32",
+        "--model.evaluation.max_samples=4", "--model.evaluation.batch_size=4", "--model.evaluation.sampled=false",
+        f"--data.sources=[{json.dumps(source)}]", "--data.batch_size=2",
+        "--trainer.logger+=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}",
+        "--trainer.logger.name=e2e", "--trainer.enable_progress_bar=false",
+    ]  # fmt: skip
+    run = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "GRPO changed held-out greedy mIoU" in run.stdout
+    log_dir = next(tmp_path.glob("e2e/version_*"))
+    rows = list(csv.DictReader((log_dir / "metrics.csv").open()))
+    keys = set().union(*(r.keys() for r in rows))
+    for key in ("sft/loss", "train/reward", "train/rewards/iou/mean", "train/frac_reward_zero_std",
+                "train/iou/mean", "train/completions/mean_length", "train/clip_ratio/region_mean"):  # fmt: skip
+        assert key in keys, key
+    summary = json.loads((log_dir / "grpo_summary.json").read_text())
+    assert {"warm_start", "after_grpo"} <= set(summary)
+    ckpts = list(tmp_path.rglob("last.ckpt"))
+    assert ckpts, "no last checkpoint written"
+    state = torch.load(ckpts[0], map_location="cpu", weights_only=False)
+    assert state["global_step"] == 5
+    assert not any(k.startswith("_ref_model") for k in state["state_dict"])
+
+
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_every_config_prints(config, tmp_path):
+    """Every shipped config parses (``--print_config``), with the GPU-only bits as they are written."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), "fit", "--config", str(config), "--print_config"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "model:" in run.stdout and "data:" in run.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", [c for c in CONFIGS if "paper" in c.parts], ids=lambda p: p.stem)
+def test_paper_configs_run_with_tiny_overrides(config, phantom_source, tmp_path):
+    """The GPU set-ups, loaded as written and shrunk to the tiny model and phantoms, take real steps here."""
+    from mg3d.cli import main
+
+    source = {"path": phantom_source.path, "pipeline": {"spatial_size": [28, 28, 8]}}
+    cli = main(
+        [
+            "--config", str(config), "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto",
+            "--trainer.precision=32-true", "--trainer.max_steps=2", "--trainer.logger=false",
+            "--trainer.enable_checkpointing=false", "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
+            "--model.policy.checkpoint=null", "--model.policy.dtype=float32", "--model.policy.attn_implementation=null",
+            "--model.policy.gradient_checkpointing=false", "--model.rollout.max_new_tokens=8",
+            "--model.rollout.num_generations=2", "--model.prompt.max_vision_tokens=32",
+            f"--data.sources=[{json.dumps(source)}]", "--data.num_workers=0", "--data.cache=memory",
+            "--data.batch_size=2",
+        ],
+        run=False,
+    )  # fmt: skip
+    cfg = cli.model
+    assert cfg.loss_config.beta == pytest.approx(0.04) and cfg.rollout_config.num_generations == 2
+    assert cfg.prompt_config.template == "chain_of_box"
+    assert {"format", "iou_binary", "semantic"} == set(cfg.reward_set.names)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert cli.trainer.global_step == 2
