@@ -166,7 +166,7 @@ def test_train_script_fit_logs_and_checkpoints(phantom_source, tmp_path):
         "--model.evaluation.max_samples=4", "--model.evaluation.batch_size=4", "--model.evaluation.sampled=false",
         f"--data.sources=[{json.dumps(source)}]", "--data.batch_size=2",
         "--trainer.logger+=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}",
-        "--trainer.logger.name=e2e", "--trainer.enable_progress_bar=false",
+        "--trainer.logger.name=e2e", "--trainer.log_every_n_steps=1",
     ]  # fmt: skip
     run = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-4000:]
@@ -177,7 +177,7 @@ def test_train_script_fit_logs_and_checkpoints(phantom_source, tmp_path):
     for key in ("sft/loss", "train/reward", "train/rewards/iou/mean", "train/frac_reward_zero_std",
                 "train/iou/mean", "train/completions/mean_length", "train/clip_ratio/region_mean"):  # fmt: skip
         assert key in keys, key
-    summary = json.loads((log_dir / "grpo_summary.json").read_text())
+    summary = json.loads(next(tmp_path.rglob("grpo_summary.json")).read_text())
     assert {"warm_start", "after_grpo"} <= set(summary)
     ckpts = list(tmp_path.rglob("last.ckpt"))
     assert ckpts, "no last checkpoint written"
@@ -212,7 +212,7 @@ def test_paper_configs_run_with_tiny_overrides(config, phantom_source, tmp_path)
         [
             "--config", str(config), "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto",
             "--trainer.precision=32-true", "--trainer.max_steps=2", "--trainer.logger=false",
-            "--trainer.enable_checkpointing=false", "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path}", "--trainer.limit_val_batches=0",
             "--model.policy.checkpoint=null", "--model.policy.dtype=float32", "--model.policy.attn_implementation=null",
             "--model.policy.gradient_checkpointing=false", "--model.rollout.max_new_tokens=8",
             "--model.rollout.num_generations=2", "--model.prompt.max_vision_tokens=32",
