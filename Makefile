@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mg3d-installed
 
-.PHONY: install test lint format clean-venv
+.PHONY: install demo test lint format clean-venv
 
 $(STAMP): pyproject.toml requirements/lock.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml requirements/lock.txt
 	@touch $(STAMP)
 
 install: $(STAMP)
+
+# The main job on synthetic data: phantoms written on first use, warm start, GRPO, before/after table.
+demo: $(STAMP)
+	OMP_NUM_THREADS=2 $(PY) scripts/train.py fit --config configs/demo.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest

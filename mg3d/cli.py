@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import os
 
+from typing import Any
+
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from mg3d.checkpointing import with_atomic_checkpoint_io
 from mg3d.data.datamodule import GroundingDataModule
 from mg3d.grpo.module import GRPOModule
 
@@ -26,8 +30,12 @@ class MG3DCLI(LightningCLI):
         parser.set_defaults(
             {
                 "trainer.logger": [
+                    # CSV first: its folder is trainer.log_dir (summaries, completions, checkpoints go there).
                     {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
-                    {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs"}},
+                    {
+                        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                        "init_args": {"save_dir": "runs/tensorboard"},
+                    },
                 ],
                 "trainer.callbacks": [
                     {"class_path": "lightning.pytorch.callbacks.RichProgressBar"},
@@ -41,6 +49,14 @@ class MG3DCLI(LightningCLI):
                 "trainer.use_distributed_sampler": False,
             }
         )
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        # Atomic, weights-only checkpoint IO (mg3d.checkpointing) unless the run already names a CheckpointIO;
+        # added here rather than as a `trainer.plugins` default so that `--trainer.plugins=…` keeps it.
+        config = self._get(self.config_init, "trainer", default={})
+        plugins = kwargs.get("plugins", config.get("plugins"))
+        kwargs["plugins"] = with_atomic_checkpoint_io(plugins, kwargs.get("strategy", config.get("strategy")))
+        return super().instantiate_trainer(**kwargs)
 
 
 def main(args: list[str] | None = None, run: bool = True) -> MG3DCLI:

@@ -51,7 +51,9 @@ def target2d() -> RewardTarget:
 @pytest.fixture
 def target3d() -> RewardTarget:
     # 3D, model sees the voxel grid itself; spacing 1 × 1 × 2.5 mm
-    return RewardTarget("ct/1", boxes=[[10, 10, 4, 20, 20, 8]], spacing=(1.0, 1.0, 2.5), image=np.zeros((32, 32, 16)))
+    return RewardTarget(
+        "ct/1", boxes=[[10, 10, 4, 20, 20, 8]], spacing=(1.0, 1.0, 2.5), image=np.zeros((32, 32, 16))
+    )
 
 
 # ------------------------------------------------------------------------------------------------ parsing
@@ -93,7 +95,12 @@ def test_strict_parse_mode_follows_the_paper_rule(target2d: RewardTarget) -> Non
 def test_completion_text_forms() -> None:
     assert completion_text("abc") == "abc"
     assert completion_text([{"role": "assistant", "content": "abc"}]) == "abc"
-    assert completion_text([{"role": "assistant", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]) == "ab"
+    assert (
+        completion_text(
+            [{"role": "assistant", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+        )
+        == "ab"
+    )
     assert completion_text(None) == ""
     assert completion_text(42) == ""
 
@@ -133,7 +140,11 @@ def test_format_3d_and_sanity_component(target3d: RewardTarget) -> None:
     # ("abc" passes; "" and "ok" are too short; the 2D answer also fails the 3D format)
     r = FormatReward(sanity_weight=0.25, min_think_chars=3, max_chars=200).score(batch)
     assert r.tolist() == [1.0, 0.75, 0.0]
-    assert FormatReward(sanity_weight=0.25, min_think_chars=3, max_chars=10).score(batch).tolist() == [0.75, 0.75, 0.0]
+    assert FormatReward(sanity_weight=0.25, min_think_chars=3, max_chars=10).score(batch).tolist() == [
+        0.75,
+        0.75,
+        0.0,
+    ]
 
 
 # ------------------------------------------------------------------------------------------------ spatial
@@ -152,7 +163,9 @@ def test_spatial_rewards_2d(target2d: RewardTarget) -> None:
     np.testing.assert_allclose(IoUThresholdReward().score(batch), [1, 1, 0, 0, 0, 0])
     np.testing.assert_allclose(IoUReward().score(batch), [1, 10 / 11, 0, 0.5, 0, 0])
     np.testing.assert_allclose(GIoUReward().score(batch), [1, 10 / 11, -7 / 12, 0.5, -1, -1])
-    np.testing.assert_allclose(GIoUReward(rescale=True).score(batch), [1, (10 / 11 + 1) / 2, 5 / 24, 0.75, 0, 0])
+    np.testing.assert_allclose(
+        GIoUReward(rescale=True).score(batch), [1, (10 / 11 + 1) / 2, 5 / 24, 0.75, 0, 0]
+    )
     # centre distance applies to 3D only by default
     assert np.isnan(CenterDistanceReward().score(batch)).all()
     # with 2D on and no spacing: voxels; pred 2 centre (20, 31) vs (20, 30): d = 1 → exp(−1/20)
@@ -253,7 +266,9 @@ def test_combine_matches_trl_semantics() -> None:
 
 
 def test_reward_set_from_config(target2d: RewardTarget) -> None:
-    rs = RewardSet.from_config({"format": 1.0, "acc": {"type": "iou_binary", "threshold": 0.5, "weight": 2.0}})
+    rs = RewardSet.from_config(
+        {"format": 1.0, "acc": {"type": "iou_binary", "threshold": 0.5, "weight": 2.0}}
+    )
     assert rs.names == ["format", "acc"] and rs.weights == [1.0, 2.0]
     out = rs([ans2([5, 10, 15, 20]), "<answer>[0, 0, 5, 5]</answer>"], [target2d, target2d])
     assert out.columns["format"].tolist() == [1.0, 0.0]
@@ -281,7 +296,9 @@ _box_text = st.one_of(
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(texts=st.lists(_box_text, min_size=1, max_size=6), gt=st.lists(st.integers(0, 40), min_size=4, max_size=4))
+@given(
+    texts=st.lists(_box_text, min_size=1, max_size=6), gt=st.lists(st.integers(0, 40), min_size=4, max_size=4)
+)
 def test_every_geometric_reward_is_finite_or_nan_and_in_range(texts: list[str], gt: list[int]) -> None:
     lo = np.minimum(gt[:2], gt[2:])
     box = np.concatenate([lo, lo + np.abs(np.subtract(gt[2:], gt[:2])) + 1])
@@ -305,3 +322,52 @@ def test_every_geometric_reward_is_finite_or_nan_and_in_range(texts: list[str], 
         lo_r, hi_r = reward.value_range
         assert np.all((finite >= lo_r - 1e-12) & (finite <= hi_r + 1e-12)), (reward, values)
     assert not np.isnan(FormatReward().score(batch)).any()
+
+
+def test_mixed_2d_3d_batch(target2d: RewardTarget, target3d: RewardTarget) -> None:
+    texts = [
+        ans2([5, 10, 15, 20]),
+        ans3([10, 10, 4, 20, 20, 6]),
+        ans2([1, 2, 3, 4]),
+        ans3([10, 10, 4, 20, 20, 8]),
+    ]
+    targets = [target2d, target3d, target3d, target3d]  # the third answers a volume with a 2D box: a failure
+    out = RewardSet([IoUReward(), CenterDistanceReward()])(texts, targets)
+    # 3D: [10, 10, 4, 20, 20, 6] covers half the z range → IoU 0.5; centres z 5 vs 6: 1 voxel × 2.5 mm
+    np.testing.assert_allclose(out.columns["iou"], [1.0, 0.5, 0.0, 1.0])
+    np.testing.assert_allclose(out.columns["center_distance"], [np.nan, math.exp(-2.5 / 20), 0.0, 1.0])
+
+
+def test_reward_set_builds_from_a_lightning_cli_style_config() -> None:
+    """Typed __init__ arguments: jsonargparse (what LightningCLI uses) builds a RewardSet from YAML-like data."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(RewardSet, "rewards")
+    cfg = parser.parse_object(
+        {
+            "rewards": {
+                "rewards": [
+                    {"class_path": "mg3d.rewards.FormatReward", "init_args": {"mode": "lenient"}},
+                    {"class_path": "mg3d.rewards.IoUThresholdReward", "init_args": {"threshold": 0.3}},
+                    {
+                        "class_path": "mg3d.rewards.SemanticReward",
+                        "init_args": {
+                            "mode": "misses",
+                            "encoder": {
+                                "class_path": "mg3d.rewards.encoders.RadiomicsEncoder",
+                                "init_args": {"level_weight": 2.0},
+                            },
+                        },
+                    },
+                ],
+                "weights": [1.0, 2.0, 0.5],
+                "codec": "qwen2-vl",
+            }
+        }
+    )
+    rs = parser.instantiate(cfg).rewards
+    assert rs.names == ["format", "iou_binary", "semantic"] and rs.weights == [1.0, 2.0, 0.5]
+    assert (
+        rs.rewards[1].threshold == 0.3 and rs.rewards[2].encoder.weights[0] == 2.0 and rs.codec == "qwen2-vl"
+    )

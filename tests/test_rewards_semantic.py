@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mg3d.errors import ConfigError
-from mg3d.rewards import ParsedBatch, RewardTarget, SemanticReward, crop_regions, semantic_property_study
+from mg3d.rewards import RewardTarget, SemanticReward, crop_regions, semantic_property_study
 from mg3d.rewards.encoders import (
     CLIPRegionEncoder,
     IntensityStats,
@@ -37,7 +37,9 @@ class MeanIntensityEncoder(RegionEncoder):
     def crop_size(self, ndim: int) -> tuple[int, ...]:
         return (4,) * ndim
 
-    def embed_regions(self, crops: torch.Tensor, stats: IntensityStats, inner_fraction: float) -> torch.Tensor:
+    def embed_regions(
+        self, crops: torch.Tensor, stats: IntensityStats, inner_fraction: float
+    ) -> torch.Tensor:
         return stats.window(crops).reshape(crops.shape[0], -1).mean(1, keepdim=True)
 
     def similarity(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -86,7 +88,9 @@ def test_radiomics_embedding_by_hand() -> None:
     torch.testing.assert_close(emb[0], torch.tensor([1.0, 1.0, 0.0, 0.0, 0.5 * 572 / 576, 0.5]))
     assert float(enc.similarity(emb, emb)) == 1.0
     with pytest.raises(ConfigError):
-        RadiomicsEncoder(level_weight=0, enclosure_weight=0, offset_weight=0, fill_weight=0, isotropy_weight=0)
+        RadiomicsEncoder(
+            level_weight=0, enclosure_weight=0, offset_weight=0, fill_weight=0, isotropy_weight=0
+        )
 
 
 # ------------------------------------------------------------------------------------------------ the reward
@@ -176,7 +180,9 @@ def test_semantic_config_errors() -> None:
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    boxes=st.lists(st.lists(st.floats(-20, 60, allow_nan=False), min_size=4, max_size=4), min_size=1, max_size=4),
+    boxes=st.lists(
+        st.lists(st.floats(-20, 60, allow_nan=False), min_size=4, max_size=4), min_size=1, max_size=4
+    ),
     seed=st.integers(0, 2**16),
     mode=st.sampled_from(["all", "misses"]),
 )
@@ -242,6 +248,12 @@ def test_clip_encoder_image_and_text(tiny_clip: str, tmp_path) -> None:
     phrase = SemanticReward(encoder=enc, reference="phrase", n_reference=4)(texts, [target] * 3)
     assert phrase[0] == pytest.approx(1.0)  # calibrated so the ground-truth crop's own score is 1
     assert np.all((phrase >= 0) & (phrase <= 1))
+    # two ground-truth regions, one phrase: both boxes score 1 against their own calibration
+    both = RewardTarget(
+        "vol2", boxes=[[8, 8, 8, 17, 17, 13], [24, 24, 8, 33, 33, 13]], image=vol, phrase="a lesion"
+    )
+    two = SemanticReward(encoder=enc, reference="phrase", n_reference=4)(texts[:2], [both] * 2)
+    np.testing.assert_allclose(two, [1.0, 1.0])
     # a checkpoint folder without a tokenizer has no text tower
     from transformers import CLIPModel
 
@@ -249,7 +261,7 @@ def test_clip_encoder_image_and_text(tiny_clip: str, tmp_path) -> None:
     assert not CLIPRegionEncoder(str(tmp_path)).has_text
     with pytest.raises(ConfigError):
         SemanticReward(encoder=CLIPRegionEncoder(str(tmp_path)), reference="phrase")
-    with pytest.raises(ConfigError, match="config.json"):
+    with pytest.raises(ConfigError, match=r"config\.json"):
         CLIPRegionEncoder(str(tmp_path / "missing"))
 
 
@@ -269,8 +281,12 @@ def test_policy_vision_encoder_is_a_frozen_snapshot() -> None:
             p.add_(1.0)  # "training" moves the policy …
     torch.testing.assert_close(enc.embed_regions(crops2, stats, 0.5), e2)  # … not the reward
     assert not any(p.requires_grad for p in enc.visual.parameters())
-    target = RewardTarget("img", boxes=[[10, 10, 30, 30]], image=np.random.default_rng(0).normal(size=(64, 48)))
-    r = SemanticReward(encoder=enc, n_reference=4)([ans2([10, 10, 30, 30]), ans2([30, 20, 50, 40])], [target] * 2)
+    target = RewardTarget(
+        "img", boxes=[[10, 10, 30, 30]], image=np.random.default_rng(0).normal(size=(64, 48))
+    )
+    r = SemanticReward(encoder=enc, n_reference=4)(
+        [ans2([10, 10, 30, 30]), ans2([30, 20, 50, 40])], [target] * 2
+    )
     assert r[0] == pytest.approx(1.0) and 0.0 <= r[1] <= 1.0
     with pytest.raises(ConfigError):
         PolicyVisionEncoder(policy, crop_size_2d=(50, 50))
@@ -296,3 +312,22 @@ def test_semantic_property_on_200_phantoms() -> None:
     assert study.n >= 190
     assert rates["lesion_over_background"] >= 0.9
     assert rates["lesion_over_organ"] >= 0.9
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    shape=st.tuples(st.integers(2, 7), st.integers(2, 7), st.integers(2, 5)),
+    size=st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 2)),
+    seed=st.integers(0, 1000),
+)
+def test_box_sums_match_brute_force(
+    shape: tuple[int, int, int], size: tuple[int, int, int], seed: int
+) -> None:
+    from mg3d.rewards.semantic import _box_sums
+
+    arr = np.random.default_rng(seed).integers(0, 3, shape).astype(float)
+    sums = _box_sums(arr, size)
+    assert sums.shape == tuple(n - s + 1 for n, s in zip(shape, size))
+    for idx in np.ndindex(*sums.shape):
+        block = arr[tuple(slice(i, i + s) for i, s in zip(idx, size))]
+        assert sums[idx] == pytest.approx(block.sum())

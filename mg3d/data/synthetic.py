@@ -740,9 +740,17 @@ def _site_group(site: str) -> str:
     return site
 
 
-def _qa_rows(rng: np.random.Generator, reg: LesionRegion, n0: int, n1: int) -> list[tuple[int, str, str]]:
-    """(Question_Type, Question, Answer) in the style of the real CSVs: the phrase asked about several ways."""
+def _qa_rows(
+    rng: np.random.Generator, reg: LesionRegion, n0: int, n1: int, style: str = "question"
+) -> list[tuple[int, str, str]]:
+    """(Question_Type, Question, Answer) in the style of the real CSVs: the phrase asked about several ways.
+
+    ``style="phrase"`` writes the bare referring phrase in the Question column (one row per region, type 0):
+    the short form a tiny CPU model can afford, where every character is a token.
+    """
     p = reg.phrase
+    if style == "phrase":
+        return [(0, p, _A0_TEMPLATES[int(rng.integers(len(_A0_TEMPLATES)))].format(D=reg.description, dx=""))]
     big_p = p[0].upper() + p[1:]
     dx = _DIAGNOSIS[(_site_group(reg.site), reg.density)]
     out = []
@@ -831,6 +839,7 @@ def make_ct3d(
     npy_dir: str | os.PathLike[str] | None = None,
     questions_per_region: Sequence[int] = (3, 2),
     test_fraction: float = 0.2,
+    question_style: str = "question",
     **options: Any,
 ) -> list[Path]:
     """Write ``n`` CT phantoms in the M3D-RefSeg layout under ``out_dir``; return every file written.
@@ -838,8 +847,11 @@ def make_ct3d(
     ``options`` are :class:`CTOptions` fields. ``questions_per_region`` = (type-0, type-1) CSV rows per
     region (the real release has about 3 + 2). The train/test CSVs split by case. With ``npy=True``
     the preprocessed variant goes to ``npy_dir`` (default ``out_dir/M3D_RefSeg_npy``) with its own copy
-    of the CSVs (which, as in the release, still name the ``.nii.gz`` files).
+    of the CSVs (which, as in the release, still name the ``.nii.gz`` files). ``question_style="phrase"``
+    writes the bare referring phrase instead of questions (one row per region; the CPU demo's choice).
     """
+    if question_style not in ("question", "phrase"):
+        raise ConfigError(f"question_style must be 'question' or 'phrase', got {question_style!r}")
     _check_seed(seed, n)
     opts = _ct_options(None, options)
     n0, n1 = (int(v) for v in questions_per_region)
@@ -879,7 +891,7 @@ def make_ct3d(
         _write_json(paths[2], texts)
         written.extend(paths)
         for reg in ph.regions:
-            for qtype, question, answer in _qa_rows(rng, reg, n0, n1):
+            for qtype, question, answer in _qa_rows(rng, reg, n0, n1, question_style):
                 rows[split].append(
                     [f"{case}/ct.nii.gz", f"{case}/mask.nii.gz", reg.region_id, qtype, question, answer]
                 )

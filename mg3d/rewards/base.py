@@ -100,7 +100,9 @@ class RewardTarget:
         object.__setattr__(self, "ndim", ndim)
         if self.frame is not None:
             if not isinstance(self.frame, CoordinateFrame):
-                raise DataError(f"record {rid!r}: frame must be a CoordinateFrame, got {type(self.frame).__name__}")
+                raise DataError(
+                    f"record {rid!r}: frame must be a CoordinateFrame, got {type(self.frame).__name__}"
+                )
             if self.frame.ndim != ndim:
                 raise DataError(f"record {rid!r}: {ndim}D boxes but a {self.frame.ndim}D coordinate frame")
         if self.image is not None:
@@ -203,7 +205,9 @@ class ParsedBatch:
         accept_recovered: bool = False,
     ) -> None:
         if len(completions) != len(targets):
-            raise ConfigError(f"{len(completions)} completions but {len(targets)} targets: one target per completion")
+            raise ConfigError(
+                f"{len(completions)} completions but {len(targets)} targets: one target per completion"
+            )
         if parse_mode not in ("lenient", "strict"):
             raise ConfigError(f"parse_mode must be 'lenient' or 'strict', got {parse_mode!r}")
         for i, target in enumerate(targets):
@@ -216,7 +220,9 @@ class ParsedBatch:
         self.accept_recovered = accept_recovered
         self.n = len(self.texts)
         self.ndims = np.asarray([t.ndim for t in self.targets], dtype=np.int64)
-        self.parsed: list[ParsedCompletion] = [self._parse(text, t) for text, t in zip(self.texts, self.targets)]
+        self.parsed: list[ParsedCompletion] = [
+            self._parse(text, t) for text, t in zip(self.texts, self.targets)
+        ]
         self.pred_text: list[np.ndarray | None] = [self._usable(p) for p in self.parsed]
         self.pred_voxel: list[np.ndarray | None] = self._to_voxel()
         self.has_box = np.asarray([b is not None for b in self.pred_voxel], dtype=bool)
@@ -377,7 +383,9 @@ class Reward(ABC):
             batch = ParsedBatch(completions, targets, **batch_kwargs)
         values = np.asarray(self.score(batch), dtype=np.float64)
         if values.shape != (batch.n,):
-            raise RuntimeError(f"reward {self.name!r} returned shape {values.shape} for {batch.n} completions")
+            raise RuntimeError(
+                f"reward {self.name!r} returned shape {values.shape} for {batch.n} completions"
+            )
         return values
 
     def __repr__(self) -> str:
@@ -501,7 +509,9 @@ class RewardSet:
             elif isinstance(entry, Mapping):
                 args = dict(entry)
             else:
-                raise ConfigError(f"reward {name!r}: expected a weight or a mapping of arguments, got {entry!r}")
+                raise ConfigError(
+                    f"reward {name!r}: expected a weight or a mapping of arguments, got {entry!r}"
+                )
             weights.append(float(args.pop("weight", 1.0)))
             key = str(args.pop("type", name))
             rewards.append(build_reward(key, name=name, **args))
@@ -537,4 +547,6 @@ def combine(columns: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> 
     w = np.asarray([weights[n] for n in names], dtype=np.float64)
     total = np.nansum(stacked * w[None, :], axis=1)
     total[np.isnan(stacked).all(axis=1)] = np.nan
-    return RewardOutput({n: stacked[:, j].copy() for j, n in enumerate(names)}, {n: float(weights[n]) for n in names}, total)
+    return RewardOutput(
+        {n: stacked[:, j].copy() for j, n in enumerate(names)}, {n: float(weights[n]) for n in names}, total
+    )

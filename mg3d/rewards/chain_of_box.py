@@ -69,7 +69,9 @@ class ChainOfBoxReward(Reward):
             grid = target.grid_shape
             if grid is not None and boxes.shape[0]:
                 upper = np.asarray(grid, dtype=np.float64) + self.grid_tolerance
-                inside = np.all(boxes[:, :d] >= -self.grid_tolerance, axis=1) & np.all(boxes[:, d:] <= upper, axis=1)
+                inside = np.all(boxes[:, :d] >= -self.grid_tolerance, axis=1) & np.all(
+                    boxes[:, d:] <= upper, axis=1
+                )
             else:
                 inside = np.ones(boxes.shape[0], dtype=bool)
             well_formed = float(inside.sum()) / attempts
@@ -79,7 +81,9 @@ class ChainOfBoxReward(Reward):
                 good = boxes[inside]
                 grow = (good[:, d:] - good[:, :d]) * self.slack
                 lo, hi = good[:, :d] - grow, good[:, d:] + grow
-                inter = np.prod(np.clip(np.minimum(hi, answer[d:]) - np.maximum(lo, answer[:d]), 0, None), axis=1)
+                inter = np.prod(
+                    np.clip(np.minimum(hi, answer[d:]) - np.maximum(lo, answer[:d]), 0, None), axis=1
+                )
                 volume = float(np.prod(answer[d:] - answer[:d]))
                 consistent = float(np.max(inter) / volume) if volume > 0 else 0.0
             w = self.wellformed_weight

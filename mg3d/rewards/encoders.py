@@ -45,7 +45,13 @@ __all__ = [
 ]
 
 _MAX_STAT_VOXELS = 1_000_000
-_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -86,16 +92,21 @@ class IntensityStats:
 
 
 def intensity_stats(image: np.ndarray | torch.Tensor, n_levels: int = 257) -> IntensityStats:
-    """Quantiles of an image (subsampled to at most a million voxels, deterministically)."""
-    arr = torch.from_numpy(np.array(image, dtype=np.float32)).reshape(-1)  # a copy: targets are read-only
-    if arr.numel() > _MAX_STAT_VOXELS:
-        arr = arr[:: math.ceil(arr.numel() / _MAX_STAT_VOXELS)]
-    levels = torch.linspace(0.0, 1.0, n_levels)
-    quantiles = torch.quantile(arr.double(), levels.double()).float()
-    quantiles = torch.cummax(quantiles, 0).values  # guard float rounding
-    lo = float(torch.quantile(arr.double(), 0.005))
-    hi = float(torch.quantile(arr.double(), 0.995))
-    return IntensityStats(quantiles, levels, lo, hi, _noise_level(np.asarray(image, dtype=np.float32)))
+    """Quantiles of an image (subsampled to at most a million voxels, deterministically), window and noise."""
+    image = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else image
+    arr = np.asarray(image, dtype=np.float64).reshape(-1)
+    if arr.size > _MAX_STAT_VOXELS:
+        arr = arr[:: math.ceil(arr.size / _MAX_STAT_VOXELS)]
+    levels = np.linspace(0.0, 1.0, n_levels)
+    values = np.quantile(arr, np.concatenate([levels, [0.005, 0.995]]))  # one sort for all levels
+    quantiles = np.maximum.accumulate(values[:n_levels])  # guard float rounding
+    return IntensityStats(
+        torch.from_numpy(quantiles).float(),
+        torch.from_numpy(levels).float(),
+        float(values[-2]),
+        float(values[-1]),
+        _noise_level(np.asarray(image, dtype=np.float32)),
+    )
 
 
 def _noise_level(image: np.ndarray) -> float:
@@ -128,7 +139,9 @@ class RegionEncoder(ABC):
         """The fixed crop size (voxel-frame axis order) this encoder wants for ``ndim``-D images."""
 
     @abstractmethod
-    def embed_regions(self, crops: torch.Tensor, stats: IntensityStats, inner_fraction: float) -> torch.Tensor:
+    def embed_regions(
+        self, crops: torch.Tensor, stats: IntensityStats, inner_fraction: float
+    ) -> torch.Tensor:
         """``(N, *crop_size)`` crops of one image in modality units → ``(N, D)`` embeddings.
 
         ``inner_fraction`` is the central part of each axis that the box itself covers (the rest is context).
@@ -226,7 +239,9 @@ class RadiomicsEncoder(RegionEncoder):
     def crop_size(self, ndim: int) -> tuple[int, ...]:
         return self.sizes[ndim]
 
-    def _object(self, x: np.ndarray, core: np.ndarray, ring: np.ndarray, floor: float) -> tuple[np.ndarray, float, float]:
+    def _object(
+        self, x: np.ndarray, core: np.ndarray, ring: np.ndarray, floor: float
+    ) -> tuple[np.ndarray, float, float]:
         """The centre object of one crop (boolean mask), the core median and the ring median."""
         mc, mr = float(np.median(x[core])), float(np.median(x[ring]))
         threshold = max(floor, 0.5 * abs(mc - mr))
@@ -241,7 +256,9 @@ class RadiomicsEncoder(RegionEncoder):
             return np.zeros_like(similar), mc, mr
         return labels == np.bincount(seeds).argmax(), mc, mr
 
-    def embed_regions(self, crops: torch.Tensor, stats: IntensityStats, inner_fraction: float) -> torch.Tensor:
+    def embed_regions(
+        self, crops: torch.Tensor, stats: IntensityStats, inner_fraction: float
+    ) -> torch.Tensor:
         size = tuple(int(v) for v in crops.shape[1:])
         x_all = crops.float().numpy()
         radius = _radius(size).numpy()
@@ -250,7 +267,6 @@ class RadiomicsEncoder(RegionEncoder):
         core = radius < inner_fraction * self.core_fraction
         if not core.any():
             core = radius <= radius.min()
-        border = radius > 1.0 - 2.0 / min(size)
         box_extent = np.asarray(size, dtype=np.float64) * inner_fraction
         span = max(stats.hi - stats.lo, 1e-6)
         floor = max(self.noise_sigmas * stats.noise, 0.01 * span)
@@ -366,7 +382,9 @@ class CLIPRegionEncoder(RegionEncoder):
         return (s, s) if ndim == 2 else (s, s, self.depth)
 
     @torch.inference_mode()
-    def embed_regions(self, crops: torch.Tensor, stats: IntensityStats, inner_fraction: float) -> torch.Tensor:
+    def embed_regions(
+        self, crops: torch.Tensor, stats: IntensityStats, inner_fraction: float
+    ) -> torch.Tensor:
         images, k = _slices(stats.window(crops.float()), self.n_slices)
         rgb = images.transpose(1, 2)[:, None].expand(-1, 3, -1, -1)  # (M, 3, rows = y, cols = x)
         pixels = ((rgb - self.mean) / self.std).to(self.device, dtype=self.model.dtype)
@@ -409,7 +427,9 @@ class PolicyVisionEncoder(RegionEncoder):
         model = getattr(policy, "model", policy)
         visual = getattr(getattr(model, "model", model), "visual", None)
         if visual is None:
-            raise ConfigError(f"{type(model).__name__} has no vision tower (.model.visual): not a Qwen-VL policy")
+            raise ConfigError(
+                f"{type(model).__name__} has no vision tower (.model.visual): not a Qwen-VL policy"
+            )
         self.spec = VisionSpec.from_model(model, getattr(policy, "processor", None))
         self.visual = (copy.deepcopy(visual) if snapshot else visual).eval()
         for p in self.visual.parameters():
@@ -427,7 +447,9 @@ class PolicyVisionEncoder(RegionEncoder):
         return self.sizes[ndim]
 
     @torch.inference_mode()
-    def embed_regions(self, crops: torch.Tensor, stats: IntensityStats, inner_fraction: float) -> torch.Tensor:
+    def embed_regions(
+        self, crops: torch.Tensor, stats: IntensityStats, inner_fraction: float
+    ) -> torch.Tensor:
         from mg3d.tokenization import normalize_frames, patchify
 
         windowed = stats.window(crops.float())

@@ -63,9 +63,7 @@ class FormatReward(Reward):
         if self.mode == "strict":
             fmt = batch.strict_format_ok.astype(np.float64)
         else:
-            fmt = np.asarray(
-                [p.box is not None and p.ok for p in batch.lenient_parsed], dtype=np.float64
-            )
+            fmt = np.asarray([p.box is not None and p.ok for p in batch.lenient_parsed], dtype=np.float64)
         if self.sanity_weight == 0.0:
             return fmt
         sane = np.asarray(

@@ -59,7 +59,11 @@ def crop_regions(
     ``SpatialCrop`` + ``Resize`` per box because boxes have sub-voxel edges and a batch of G boxes per image is
     one vectorised call here instead of G crop-and-resize pairs. Boxes thinner than one voxel count as one.
     """
-    img = image.float() if isinstance(image, torch.Tensor) else torch.from_numpy(np.array(image, dtype=np.float32))
+    img = (
+        image.float()
+        if isinstance(image, torch.Tensor)
+        else torch.from_numpy(np.array(image, dtype=np.float32))
+    )
     d = img.ndim
     arr = torch.from_numpy(np.array(boxes, dtype=np.float64)).reshape(-1, 2 * d)
     n = arr.shape[0]
@@ -144,7 +148,9 @@ class SemanticReward(Reward):
         if reference not in ("region", "phrase"):
             raise ConfigError(f"{self.name}: reference must be 'region' or 'phrase', got {reference!r}")
         if not 0.0 <= iou_threshold < 1.0 or margin < 0 or n_reference < 1 or cache_size < 1:
-            raise ConfigError(f"{self.name}: need 0 ≤ iou_threshold < 1, margin ≥ 0, n_reference ≥ 1, cache_size ≥ 1")
+            raise ConfigError(
+                f"{self.name}: need 0 ≤ iou_threshold < 1, margin ≥ 0, n_reference ≥ 1, cache_size ≥ 1"
+            )
         if not 0.0 <= failure_value <= 1.0:
             raise ConfigError(f"{self.name}: failure_value must be in [0, 1], got {failure_value}")
         self.encoder = build_encoder(encoder)
@@ -179,7 +185,10 @@ class SemanticReward(Reward):
         gt = self._embed(target, stats, target.boxes)
         seed = zlib.crc32(target.record_id.encode("utf-8"))
         refs = np.concatenate(
-            [_reference_boxes(target.image.shape, box, self.n_reference, seed + k) for k, box in enumerate(target.boxes)]
+            [
+                _reference_boxes(target.image.shape, box, self.n_reference, seed + k)
+                for k, box in enumerate(target.boxes)
+            ]
         )
         ref_emb = self._embed(target, stats, refs).reshape(len(target.boxes), self.n_reference, -1)
         if self.reference == "phrase":
@@ -204,7 +213,8 @@ class SemanticReward(Reward):
         boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 2 * target.ndim)
         rec = self._record(target)
         emb = self._embed(target, rec.stats, boxes)  # (N, D)
-        sim = self.encoder.similarity(emb[:, None], rec.reference[None]).double().numpy()  # (N, K)
+        sim = self.encoder.similarity(emb[:, None], rec.reference[None]).double().numpy()  # (N, K) or (N, 1)
+        sim = np.broadcast_to(sim, (boxes.shape[0], len(rec.s_gt)))  # a phrase is one reference for every box
         calibrated = np.stack([self._calibrate(sim[:, k], rec, k) for k in range(sim.shape[1])], axis=1)
         best = np.argmax(calibrated, axis=1)
         rows = np.arange(boxes.shape[0])
@@ -259,7 +269,9 @@ def _box_sums(indicator: np.ndarray, size: Sequence[int]) -> np.ndarray:
         table = np.cumsum(table, axis=a)
     total = np.zeros(tuple(n - s + 1 for n, s in zip(indicator.shape, size)))
     for corner in np.ndindex(*(2,) * d):
-        sl = tuple(slice(s, None) if c else slice(None, n - s + 1) for c, s, n in zip(corner, size, indicator.shape))
+        sl = tuple(
+            slice(s, None) if c else slice(None, n - s + 1) for c, s, n in zip(corner, size, indicator.shape)
+        )
         sign = (-1) ** (d - sum(corner))
         total += sign * table[sl]
     return total
@@ -300,7 +312,9 @@ class PropertyStudy:
         ):
             lines.append(f"| {label} | {r[key]:.3f} | {s[key]:.3f} |")
         means = self.rewards.mean(0)
-        lines.append(f"| mean reward: lesion / background / organ | {means[0]:.3f} / {means[1]:.3f} / {means[2]:.3f} | |")
+        lines.append(
+            f"| mean reward: lesion / background / organ | {means[0]:.3f} / {means[1]:.3f} / {means[2]:.3f} | |"
+        )
         return "\n".join(lines)
 
 
@@ -335,16 +349,23 @@ def semantic_property_study(
         gt = np.asarray(target_region.box_voxel, dtype=np.float64)
         size = (gt[3:] - gt[:3]).astype(int)
         grow = np.ceil(size * reward.margin).astype(int)
-        lesion_free = _box_sums(np.pad(phantom.mask > 0, [(g, g) for g in grow]).astype(np.float64), size + 2 * grow) == 0
+        lesion_free = (
+            _box_sums(np.pad(phantom.mask > 0, [(g, g) for g in grow]).astype(np.float64), size + 2 * grow)
+            == 0
+        )
         volume = float(np.prod(size))
         organ_share = _box_sums(np.isin(phantom.anatomy, organs).astype(np.float64), size) / volume
         background_ok = lesion_free & (organ_share <= 0.1)
         host = ORGAN_LABELS.get(target_region.site)
-        organ_ok = lesion_free & (_box_sums((phantom.anatomy == host).astype(np.float64), size) / volume >= organ_fraction)
+        organ_ok = lesion_free & (
+            _box_sums((phantom.anatomy == host).astype(np.float64), size) / volume >= organ_fraction
+        )
         if not organ_ok.any():
             best = np.zeros_like(organ_share)
             for label in organs:
-                best = np.maximum(best, _box_sums((phantom.anatomy == label).astype(np.float64), size) / volume)
+                best = np.maximum(
+                    best, _box_sums((phantom.anatomy == label).astype(np.float64), size) / volume
+                )
             organ_ok = lesion_free & (best >= organ_fraction)
         centre = np.asarray(other.center_voxel) + 0.5
         lesion_box = np.concatenate([centre - size / 2, centre + size / 2])
@@ -366,6 +387,7 @@ def semantic_property_study(
         sims.append(sim)
         pairs.append((f"{target_region.site}/{target_region.density}", f"{other.site}/{other.density}"))
     if not rewards:
-        raise ConfigError(f"semantic_property_study: no usable case in {n_cases} phantoms (all {skipped} skipped)")
+        raise ConfigError(
+            f"semantic_property_study: no usable case in {n_cases} phantoms (all {skipped} skipped)"
+        )
     return PropertyStudy(np.asarray(rewards), np.asarray(sims), pairs, skipped)
-

@@ -26,7 +26,9 @@ class _SpatialReward(Reward):
         lo, hi = self.value_range
         value = lo if failure_value is None else float(failure_value)
         if not lo <= value <= hi:
-            raise ConfigError(f"{self.name}: failure_value {value} is outside the reward's range [{lo}, {hi}]")
+            raise ConfigError(
+                f"{self.name}: failure_value {value} is outside the reward's range [{lo}, {hi}]"
+            )
         self.failure_value = value
 
     def _with_failures(self, batch: ParsedBatch, values: np.ndarray) -> np.ndarray:
@@ -39,7 +41,9 @@ class IoUThresholdReward(_SpatialReward):
 
     value_range = (0.0, 1.0)
 
-    def __init__(self, *, threshold: float = 0.5, failure_value: float | None = None, name: str | None = None) -> None:
+    def __init__(
+        self, *, threshold: float = 0.5, failure_value: float | None = None, name: str | None = None
+    ) -> None:
         super().__init__(failure_value=failure_value, name=name)
         if not 0.0 <= threshold < 1.0:
             raise ConfigError(f"{self.name}: threshold must be in [0, 1), got {threshold}")
@@ -70,7 +74,9 @@ class GIoUReward(_SpatialReward):
 
     value_range = (-1.0, 1.0)
 
-    def __init__(self, *, rescale: bool = False, failure_value: float | None = None, name: str | None = None) -> None:
+    def __init__(
+        self, *, rescale: bool = False, failure_value: float | None = None, name: str | None = None
+    ) -> None:
         self.rescale = bool(rescale)
         if self.rescale:
             self.value_range = (0.0, 1.0)  # type: ignore[misc]

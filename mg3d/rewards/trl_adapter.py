@@ -60,7 +60,9 @@ def image_to_voxel_array(image: Any) -> np.ndarray:
     if hasattr(image, "convert") and hasattr(image, "size"):  # PIL.Image.Image
         return np.asarray(image.convert("F"), dtype=np.float32).T.copy()
     if isinstance(image, (str, bytes)):
-        raise DataError(f"image column holds a path or bytes ({str(image)[:60]!r}); load the image into the dataset")
+        raise DataError(
+            f"image column holds a path or bytes ({str(image)[:60]!r}); load the image into the dataset"
+        )
     return np.asarray(image, dtype=np.float32)
 
 
@@ -72,9 +74,13 @@ def qwen_image_frame(width: int, height: int, image_processor: Any) -> Coordinat
     min_pixels = getattr(size, "shortest_edge", None) or getattr(image_processor, "min_pixels", None)
     max_pixels = getattr(size, "longest_edge", None) or getattr(image_processor, "max_pixels", None)
     if not (min_pixels and max_pixels):
-        raise ConfigError(f"{type(image_processor).__name__} does not say its min/max pixels; pass a frame column")
+        raise ConfigError(
+            f"{type(image_processor).__name__} does not say its min/max pixels; pass a frame column"
+        )
     factor = int(image_processor.patch_size) * int(image_processor.merge_size)
-    new_h, new_w = smart_resize(int(height), int(width), factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    new_h, new_w = smart_resize(
+        int(height), int(width), factor=factor, min_pixels=min_pixels, max_pixels=max_pixels
+    )
     shape = (int(width), int(height))
     return CoordinateFrame(shape).then(resize_step(shape, (new_w, new_h)))
 
@@ -91,7 +97,9 @@ def _frame(value: Any, record: str) -> CoordinateFrame | None:
             raise DataError(f"record {record!r}: frame column is not JSON ({err})") from err
     if isinstance(value, Mapping):
         return CoordinateFrame.from_dict(dict(value))
-    raise DataError(f"record {record!r}: frame must be a CoordinateFrame, dict or JSON string, got {type(value).__name__}")
+    raise DataError(
+        f"record {record!r}: frame must be a CoordinateFrame, dict or JSON string, got {type(value).__name__}"
+    )
 
 
 def _optional(value: Any) -> Any:
@@ -110,7 +118,9 @@ def target_from_row(
     """One dataset row (column → value) → a :class:`RewardTarget`; a bad row raises DataError naming it."""
     cols = {**DEFAULT_COLUMNS, **(columns or {})}
     if cols["boxes"] not in row:
-        raise DataError(f"dataset row has no {cols['boxes']!r} column (ground-truth boxes); columns: {sorted(row)}")
+        raise DataError(
+            f"dataset row has no {cols['boxes']!r} column (ground-truth boxes); columns: {sorted(row)}"
+        )
     boxes = row[cols["boxes"]]
     record = str(row.get(cols["id"], f"row-with-boxes-{boxes!r:.60}"))
     image_value = _optional(row.get(cols["image"]))
@@ -188,7 +198,9 @@ class TRLReward:
         self.cache.completions, self.cache.batch = completions, batch  # holding the list keeps its id unique
         return batch
 
-    def __call__(self, prompts: Sequence[Any] | None = None, completions: Sequence[Any] | None = None, **kwargs: Any) -> list[float | None]:
+    def __call__(
+        self, prompts: Sequence[Any] | None = None, completions: Sequence[Any] | None = None, **kwargs: Any
+    ) -> list[float | None]:
         if completions is None:
             raise ConfigError(f"reward {self.__name__!r}: TRL passes completions=…; none given")
         values = self.reward.score(self.parse(completions, kwargs))
