@@ -3,6 +3,8 @@
 # The install is stamped: a second run installs nothing and goes straight to the work.
 
 PYTHON ?= python3
+# UTF-8 text I/O whatever the machine's locale (CI may run with LANG unset, i.e. ASCII).
+export PYTHONUTF8 := 1
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mg3d-installed

@@ -364,7 +364,7 @@ def _read_config_json(path: Path) -> dict[str, Any]:
     if not config_file.is_file():
         raise ConfigError(f"{path}: no config.json; expected a saved Qwen2-VL / Qwen2.5-VL checkpoint folder")
     try:
-        return json.loads(config_file.read_text())
+        return json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise ConfigError(f"{config_file}: cannot read the model config ({err})") from err
 

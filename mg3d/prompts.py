@@ -383,6 +383,11 @@ def build_instruction(
         parts.append(_visual_note(chosen, depth, indices))
     if coordinate_note:
         parts.append(codec.describe(ndim))
+        if chosen == "montage":  # the montage text frame's z is the tile, not a slice (mg3d.tokenization)
+            parts.append(
+                "In this montage, z is the tile number (0 = top left, counting left to right, then top to "
+                "bottom), not a slice index."
+            )
     if laterality is not None:
         parts.append(laterality_hint(laterality, ndim, z_direction=z_direction))
     example = _answer_example(ndim)

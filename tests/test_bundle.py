@@ -103,8 +103,8 @@ def test_export_layout_and_metadata(bundle: Path, grounder: Grounder) -> None:
     assert "models/model.safetensors" in files and "models/mg3d_inference.json" in files
     assert "models/tokenizer.json" in files and "models/preprocessor_config.json" in files
     assert not [f for f in files if f.endswith((".pt", ".pth", ".bin", ".pkl", ".ckpt"))]
-    meta = json.loads((bundle / "configs/metadata.json").read_text())
-    jsonschema.validate(meta, json.loads(SCHEMA_PATH.read_text()))
+    meta = json.loads((bundle / "configs/metadata.json").read_text(encoding="utf-8"))
+    jsonschema.validate(meta, json.loads(SCHEMA_PATH.read_text(encoding="utf-8")))
     for key in ("version", "changelog", "monai_version", "pytorch_version", "numpy_version", "task", "description",
                 "authors", "copyright", "intended_use", "data_source", "schema"):  # fmt: skip
         assert meta[key]
@@ -121,11 +121,11 @@ def test_export_layout_and_metadata(bundle: Path, grounder: Grounder) -> None:
     assert meta["mg3d"]["ndims"] == [2, 3] and meta["mg3d"]["codec"] == "qwen2.5-vl"
     assert set(meta["mg3d"]["files"]) == {f for f in files if f != "configs/metadata.json"}
     assert meta["required_packages_version"]["mg3d"] and "optional_packages_version" not in meta
-    config = json.loads((bundle / "configs/inference.json").read_text())
+    config = json.loads((bundle / "configs/inference.json").read_text(encoding="utf-8"))
     assert config["inference"]["_target_"] == "mg3d.bundle.BundleInference" and config["run"] == [
         "$@inference.run()"
     ]
-    readme = (bundle / "docs/README.md").read_text()
+    readme = (bundle / "docs/README.md").read_text(encoding="utf-8")
     assert (
         f"--hash_val {schema_sha256()}" in readme
         and "Limitations" in readme
@@ -141,7 +141,7 @@ def test_export_refuses_to_overwrite(bundle: Path, grounder: Grounder, tmp_path:
     (other / "keep.txt").write_text("mine")
     with pytest.raises(BundleError, match="not a bundle"):
         export_bundle(grounder, other, overwrite=True)
-    assert (other / "keep.txt").read_text() == "mine"
+    assert (other / "keep.txt").read_text(encoding="utf-8") == "mine"
 
 
 def test_load_bundle_predicts_like_the_grounder(bundle: Path, data, reference) -> None:
@@ -202,7 +202,7 @@ def _tamper_extra_file(root: Path) -> None:
 
 def _edit_metadata(root: Path, edit) -> None:
     path = root / "configs" / "metadata.json"
-    meta = json.loads(path.read_text())
+    meta = json.loads(path.read_text(encoding="utf-8"))
     edit(meta)
     path.write_text(json.dumps(meta))
 
@@ -290,7 +290,7 @@ def test_bundle_inference_in_process(bundle: Path, data, reference, tmp_path: Pa
     written = BundleInference(str(bundle), dataset_dir=str(folder), pairs=write_pairs(data).name,
                               output_dir=str(out)).run()  # fmt: skip
     assert len(written) == len(records)
-    rows = [json.loads(p.read_text()) for p in written]
+    rows = [json.loads(p.read_text(encoding="utf-8")) for p in written]
     assert [r["box_voxel"] for r in rows] == [
         None if p.box_voxel is None else list(p.box_voxel) for p in reference
     ]
@@ -342,12 +342,12 @@ def test_monai_run_writes_the_evaluation_boxes(bundle: Path, data, reference, tm
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     for rec, pred in zip(records, reference):
-        row = json.loads((out / f"{rec.id.replace('/', '_')}.json").read_text())
+        row = json.loads((out / f"{rec.id.replace('/', '_')}.json").read_text(encoding="utf-8"))
         assert row["completion"] == pred.completion
         assert row["box_voxel"] == (None if pred.box_voxel is None else list(pred.box_voxel))
         assert row["box_world_mm"] == (None if pred.box_world_mm is None else list(pred.box_world_mm))
         assert row["phrase"] == rec.text and row["spatial_shape"] == list(rec.spatial_shape)
-    assert sum(json.loads(p.read_text())["box_voxel"] is not None for p in out.glob("*.json")) >= 3
+    assert sum(json.loads(p.read_text(encoding="utf-8"))["box_voxel"] is not None for p in out.glob("*.json")) >= 3
 
 
 @pytest.mark.slow
@@ -367,7 +367,7 @@ def test_monai_run_one_image_and_fresh_process_load(
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     (row_path,) = list(out.glob("*.json"))
-    row = json.loads(row_path.read_text())
+    row = json.loads(row_path.read_text(encoding="utf-8"))
     expected = grounder.predict_image(ct.image, ct.text, modality="CT")
     assert row["completion"] == expected.completion and row["id"] == "0000_ct1"
     assert row["box_voxel"] == (None if expected.box_voxel is None else list(expected.box_voxel))
@@ -424,7 +424,7 @@ def test_evaluate_script_gives_the_bundle_boxes(bundle: Path, data, reference, t
         cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
     assert [r["id"] for r in rows] == [p.id for p in reference]
     assert [r["completion"] for r in rows] == [p.completion for p in reference]
     assert [r["box_voxel"] for r in rows] == [

@@ -221,7 +221,7 @@ def test_disk_cache_is_reused(sources, tmp_path, monkeypatch):
 def test_single_manifest_file_is_split_by_field(tmp_path):
     root = make_cxr_source(tmp_path / "one", n=2, splits=("train", "test"))
     # one file holding both splits, beside the images its relative paths point to
-    (root / "all.jsonl").write_text((root / "train.jsonl").read_text() + (root / "test.jsonl").read_text())
+    (root / "all.jsonl").write_text((root / "train.jsonl").read_text(encoding="utf-8") + (root / "test.jsonl").read_text(encoding="utf-8"))
     src = SourceConfig(str(root / "all.jsonl"), pipeline=PipelineConfig(spatial_size=(24, 20)))
     assert [r.id for r in load_source_records(src, "test")] == ["synthetic2d/test/0", "synthetic2d/test/1"]
     assert load_source_records(src, "val") == []

@@ -456,17 +456,17 @@ def test_predictions_round_trip_rescoring_is_exact(tmp_path: Path) -> None:
     ev = GroundingEvaluator(n_bootstrap=200, seed=7)
     ev.update(mixed_rows())
     paths = ev.write(tmp_path / "out")
-    written = json.loads(paths["metrics_json"].read_text())
+    written = json.loads(paths["metrics_json"].read_text(encoding="utf-8"))
     assert written["metrics"] == ev.compute()
     assert written["protocol"] == "mg3d" and written["comparison"] == ">="
-    first = json.loads(paths["predictions"].read_text().splitlines()[-1])
+    first = json.loads(paths["predictions"].read_text(encoding="utf-8").splitlines()[-1])
     assert first["id"] == "g" and first["think_boxes_text"] == [[2, 2, 4, 30, 30, 28]]
     assert first["think_boxes_voxel"] == [[4, 4, 4, 60, 60, 28]]
     assert first["box_voxel"] == [8, 8, 10, 24, 24, 20] and first["iou"] == pytest.approx(0.5)
     assert first["center_mm"] == pytest.approx(12.5)  # 5 slices × 2.5 mm
     again = rescore(paths["predictions"], n_bootstrap=200, seed=7)
     assert again.report() == written
-    md = paths["metrics_md"].read_text()
+    md = paths["metrics_md"].read_text(encoding="utf-8")
     assert "| mIoU |" in md and "## By dataset" in md and "no_answer_tag" in md
 
 
@@ -578,7 +578,7 @@ def test_sync_gathers_ranks_and_drops_repeats(tmp_path: Path) -> None:
     single = GroundingEvaluator(n_bootstrap=0)
     single.update(five_cases())
     for rank in (0, 1):
-        got = json.loads((tmp_path / f"{rank}.json").read_text())
+        got = json.loads((tmp_path / f"{rank}.json").read_text(encoding="utf-8"))
         assert got["dropped"] == 2  # "a" is on rank 0 twice and on rank 1 once: two repeats
         assert got["metrics"] == pytest.approx(single.compute())
 
@@ -668,10 +668,10 @@ def test_script_subprocess_rescores_exactly(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     printed = json.loads(proc.stdout)
-    written = json.loads(paths["metrics_json"].read_text())
+    written = json.loads(paths["metrics_json"].read_text(encoding="utf-8"))
     assert printed == written
-    assert json.loads((tmp_path / "second" / "metrics.json").read_text()) == written
-    assert (tmp_path / "second" / "predictions.jsonl").read_text() == paths["predictions"].read_text()
+    assert json.loads((tmp_path / "second" / "metrics.json").read_text(encoding="utf-8")) == written
+    assert (tmp_path / "second" / "predictions.jsonl").read_text(encoding="utf-8") == paths["predictions"].read_text(encoding="utf-8")
     assert (tmp_path / "second" / "metrics.md").exists()
 
 
@@ -723,14 +723,14 @@ def test_script_model_path_writes_predictions_and_metrics(tiny_grounder, tmp_pat
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["metrics"]["n"] == len(records) and report["codec"] == "qwen2.5-vl"
-    lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
     preds = {p.id: p for p in grounder.predict_records(records, progress=False)}
     assert [x["id"] for x in lines] == [r.id for r in records]
     for x in lines:
         p = preds[x["id"]]
         assert x["completion"] == p.completion  # greedy decoding: the same answer in a fresh process
         assert x["box_voxel"] == (None if p.box_voxel is None else list(p.box_voxel))
-    assert json.loads((out / "metrics.json").read_text()) == report
+    assert json.loads((out / "metrics.json").read_text(encoding="utf-8")) == report
     assert (out / "gallery" / "report.md").exists()
     # and the file it wrote re-scores to the same numbers in-process
     assert rescore(out / "predictions.jsonl", n_bootstrap=100).report()["metrics"] == report["metrics"]

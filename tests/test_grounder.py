@@ -215,7 +215,8 @@ def test_slices_strategy_does_not_centre_on_the_target(records, tmp_path: Path) 
     pipelines = {"3d": PipelineConfig(spatial_size=(28, 28, 24))}
     policy = POLICY.build()
     prompter = GroundingPrompter(policy, template="terse", volume_strategy="slices", max_vision_tokens=16)
-    with_gt = prompter.build([build_pipeline(pipelines["3d"], 3)(record_to_item(r)) for r in (far, near)])
+    samples = [build_pipeline(pipelines["3d"], 3)(record_to_item(r)) for r in (far, near)]
+    with_gt = prompter.build(samples, region_hint=True)
     # given the truth, the strategy shows other slices (it would leak the answer)
     assert with_gt.prompts[0] != with_gt.prompts[1]
     g = Grounder(
@@ -256,7 +257,7 @@ def test_save_pretrained_round_trip(grounder, records, predictions, tmp_path: Pa
         and "preprocessor_config.json" in names
     )
     assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt"))]
-    settings_ = json.loads((folder / INFERENCE_CONFIG_NAME).read_text())
+    settings_ = json.loads((folder / INFERENCE_CONFIG_NAME).read_text(encoding="utf-8"))
     assert settings_["prompt"]["template"] == "terse" and settings_["prompt"]["max_vision_tokens"] == 16
     assert settings_["pipelines"]["3d"]["spatial_size"] == [28, 28, 4]
     assert settings_["generation"]["max_new_tokens"] == MAX_NEW and settings_["codec"] == "qwen2.5-vl"
@@ -272,7 +273,7 @@ def test_from_pretrained_overrides_and_bad_settings(grounder, tmp_path: Path) ->
     assert g.max_new_tokens == 5 and g.pipeline_config(None, 2).spatial_size == (56, 56)
     with pytest.raises(ConfigError, match="unknown override"):
         Grounder.from_pretrained(folder, template="r1")
-    settings_ = json.loads((folder / INFERENCE_CONFIG_NAME).read_text())
+    settings_ = json.loads((folder / INFERENCE_CONFIG_NAME).read_text(encoding="utf-8"))
     settings_["pipelines"]["3d"]["spatial_sise"] = [1, 2, 3]
     (folder / INFERENCE_CONFIG_NAME).write_text(json.dumps(settings_))
     with pytest.raises(ConfigError, match="spatial_sise"):

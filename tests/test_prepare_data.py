@@ -53,7 +53,7 @@ def test_prepare_writes_manifests_and_matching_summary(tmp_path: Path) -> None:
     summary = prepare(sources, out, progress=False, command=["prepare_data.py", "test"])
     written = _read_all(out)
     records = [r for split in written.values() for r in split]
-    on_disk = json.loads((out / "summary.json").read_text())
+    on_disk = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert on_disk == summary
 
     assert summary["records"] == {"total": len(records), **{s: len(v) for s, v in written.items()}}
@@ -90,7 +90,7 @@ def test_prepare_relative_paths(tmp_path: Path) -> None:
     root = small_refseg(tmp_path, n_cases=1)
     out = tmp_path / "out"
     prepare(M3DRefSegSource(root), out, relative_paths=True, progress=False)
-    line = json.loads((out / "train.jsonl").read_text().splitlines()[0])
+    line = json.loads((out / "train.jsonl").read_text(encoding="utf-8").splitlines()[0])
     assert line["image"] == "../M3D_RefSeg/s0000/ct.nii.gz"
     assert line["mask"]["path"] == "../M3D_RefSeg/s0000/mask.nii.gz"
     for record in read_manifest(out / "train.jsonl"):
@@ -116,7 +116,7 @@ def test_main_in_process_errors_and_success(tmp_path: Path, capsys: pytest.Captu
         == 0
     )
     assert "skipped 4 item(s)" in capsys.readouterr().out
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert summary["skipped"]["by_kind"] == {"missing_file": 4}
     assert summary["records"]["total"] == 4
     assert main(["mscxr-medrpg", "--image-root", str(tmp_path), "--out", str(out)]) == 1
@@ -145,7 +145,7 @@ def test_main_synthetic_boxes_match_generator_truth(tmp_path: Path) -> None:
         )
         == 0
     )
-    truth = json.loads((out / "raw" / "phantom_truth.json").read_text())["cases"]
+    truth = json.loads((out / "raw" / "phantom_truth.json").read_text(encoding="utf-8"))["cases"]
     records = [r for recs in _read_all(out).values() for r in recs]
     assert records and all(r.ndim == 3 and r.dataset == "synthetic3d" for r in records)
     assert all(r.id.startswith("synthetic3d/s000") for r in records)
@@ -174,7 +174,7 @@ def test_main_synthetic_boxes_match_generator_truth(tmp_path: Path) -> None:
             )
             == 0
         )
-        images = json.loads((out / "raw" / "phantom_truth.json").read_text())["images"]
+        images = json.loads((out / "raw" / "phantom_truth.json").read_text(encoding="utf-8"))["images"]
         records = [r for recs in _read_all(out).values() for r in recs]
         assert records and all(r.modality == "CXR" and r.dataset == "synthetic2d" for r in records)
         assert all(r.id.startswith("synthetic2d/") for r in records)
@@ -212,7 +212,7 @@ def test_script_subprocess(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "wrote 8 records" in done.stdout and "skipped 2 item(s)" in done.stdout
     assert "prepare m3d_refseg" in done.stderr  # the progress bar
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     written = _read_all(out)
     assert summary["records"]["total"] == sum(len(v) for v in written.values()) == 8
     assert summary["records"]["test"] == len(written["test"]) == 4
@@ -222,4 +222,4 @@ def test_script_subprocess(tmp_path: Path) -> None:
         for s in summary["skipped"]["items"]
     )
     assert summary["command"][:2] == ["prepare_data.py", "m3d-refseg"]
-    assert not Path(json.loads((out / "test.jsonl").read_text().splitlines()[0])["image"]).is_absolute()
+    assert not Path(json.loads((out / "test.jsonl").read_text(encoding="utf-8").splitlines()[0])["image"]).is_absolute()

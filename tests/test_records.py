@@ -80,7 +80,7 @@ def test_round_trip_absolute_paths(tmp_path: Path) -> None:
     assert write_manifest(path, records) == 2
     assert read_manifest(path) == records
     assert list(iter_manifest(path)) == records
-    lines = path.read_text().splitlines()
+    lines = path.read_text(encoding="utf-8").splitlines()
     assert all(json.loads(line)["schema_version"] == MANIFEST_SCHEMA_VERSION for line in lines)
 
 
@@ -99,7 +99,7 @@ def test_write_relative_paths(tmp_path: Path) -> None:
     rec = _rec3d(image=str(image), mask={"path": str(tmp_path / "data" / "mask.nii.gz"), "label": 3})
     path = tmp_path / "out" / "test.jsonl"
     write_manifest(path, [rec], relative_paths=True)
-    assert json.loads(path.read_text())["image"] == "../data/ct.nii.gz"
+    assert json.loads(path.read_text(encoding="utf-8"))["image"] == "../data/ct.nii.gz"
     assert read_manifest(path)[0].image == str(tmp_path / "out" / "../data/ct.nii.gz")
 
 

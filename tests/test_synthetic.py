@@ -244,7 +244,7 @@ def test_bad_ct_options(options: dict, message: str) -> None:
 
 
 def test_m3d_refseg_files(ct_dir: Path) -> None:
-    truth = json.loads((ct_dir / TRUTH_NAME).read_text())
+    truth = json.loads((ct_dir / TRUTH_NAME).read_text(encoding="utf-8"))
     all_rows = []
     for split in ("train", "test", "all"):
         header, rows = _read_csv(ct_dir / f"M3D_RefSeg_{split}.csv")
@@ -266,7 +266,7 @@ def test_m3d_refseg_files(ct_dir: Path) -> None:
         region = truth["cases"][case]["regions"][mask_id]
         assert qtype in ("0", "1") and "[SEG]" in answer
         assert region["phrase"].lower() in question.lower()
-        texts = json.loads((ct_dir / case / "text.json").read_text())
+        texts = json.loads((ct_dir / case / "text.json").read_text(encoding="utf-8"))
         assert mask_id in texts
     for case, entry in truth["cases"].items():
         img = nib.load(ct_dir / entry["image"])
@@ -279,14 +279,14 @@ def test_m3d_refseg_files(ct_dir: Path) -> None:
         assert np.all(np.abs(img.affine[:3, 3]) > 1)  # a real, non-zero origin
         assert int(img.header["qform_code"]) == 1 and int(img.header["sform_code"]) == 1
         labels = set(np.unique(np.asarray(msk.dataobj)).tolist()) - {0}
-        texts = json.loads((ct_dir / case / "text.json").read_text())
+        texts = json.loads((ct_dir / case / "text.json").read_text(encoding="utf-8"))
         assert labels == {int(k) for k in texts} == {int(k) for k in entry["regions"]}
         qtypes = {r[3] for r in all_rows if r[0].startswith(case)}
         assert qtypes == {"0", "1"}
 
 
 def test_truth_boxes_equal_numpy_on_the_written_mask(ct_dir: Path) -> None:
-    truth = json.loads((ct_dir / TRUTH_NAME).read_text())
+    truth = json.loads((ct_dir / TRUTH_NAME).read_text(encoding="utf-8"))
     for case, entry in truth["cases"].items():
         mask = np.asarray(nib.load(ct_dir / entry["mask"]).dataobj)
         affine = nib.load(ct_dir / entry["image"]).affine
@@ -318,7 +318,7 @@ def _measured(ct_dir: Path, entry: dict) -> dict[int, dict]:
 
 
 def test_midline_matches_an_independent_body_estimate(ct_dir: Path) -> None:
-    truth = json.loads((ct_dir / TRUTH_NAME).read_text())
+    truth = json.loads((ct_dir / TRUTH_NAME).read_text(encoding="utf-8"))
     for entry in truth["cases"].values():
         img = nib.load(ct_dir / entry["image"])
         vol = np.asarray(img.dataobj)
@@ -335,7 +335,7 @@ def test_midline_matches_an_independent_body_estimate(ct_dir: Path) -> None:
 
 
 def test_each_phrase_picks_out_exactly_its_lesion(ct_dir: Path) -> None:
-    truth = json.loads((ct_dir / TRUTH_NAME).read_text())
+    truth = json.loads((ct_dir / TRUTH_NAME).read_text(encoding="utf-8"))
     seen_types = set()
     for entry in truth["cases"].values():
         regions = {int(k): v for k, v in entry["regions"].items()}
@@ -396,7 +396,7 @@ def test_ct_determinism_and_case_stability(tmp_path: Path) -> None:
 @pytest.mark.slow  # importing MONAI takes 5-30 s on a busy 2-core machine
 def test_m3d_npy_variant(tmp_path: Path) -> None:
     make_ct3d(tmp_path, 2, seed=2, npy=True, npy_shape=(24, 48, 48), **SMALL)
-    truth = json.loads((tmp_path / TRUTH_NAME).read_text())
+    truth = json.loads((tmp_path / TRUTH_NAME).read_text(encoding="utf-8"))
     npy_root = tmp_path / truth["npy"]["dir"]
     for name in ("train", "test", "all"):  # the CSVs travel with the arrays, unchanged
         assert (npy_root / f"M3D_RefSeg_{name}.csv").read_bytes() == (
@@ -409,7 +409,7 @@ def test_m3d_npy_variant(tmp_path: Path) -> None:
         assert ct.dtype == mask.dtype == np.float32
         assert ct.min() == 0.0 and ct.max() == 1.0
         assert set(np.unique(mask).tolist()) - {0.0} == {float(k) for k in entry["regions"]}
-        assert (npy_root / case / "text.json").read_text() == (tmp_path / case / "text.json").read_text()
+        assert (npy_root / case / "text.json").read_text(encoding="utf-8") == (tmp_path / case / "text.json").read_text(encoding="utf-8")
         for rid, reg in entry["regions"].items():
             assert reg["npy_box"] == _np_box(mask[0] == int(rid))
             # D is the NIfTI's k axis (M3D transposes (2, 0, 1)); air noise fills every slice, so the
@@ -480,7 +480,7 @@ def test_mscxr_layout(cxr_dir: Path) -> None:
     csv_path = root / MSCXR_CSV_NAME
     header, rows = _read_csv(csv_path)
     assert header == list(MSCXR_COLUMNS)
-    truth = json.loads((root / TRUTH_NAME).read_text())
+    truth = json.loads((root / TRUTH_NAME).read_text(encoding="utf-8"))
     categories = {"Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Lung Opacity", "Pleural Effusion",
                   "Pneumonia", "Pneumothorax"}  # fmt: skip
     groups: dict[tuple[str, str], list[list[int]]] = {}
@@ -515,7 +515,7 @@ def test_mscxr_layout(cxr_dir: Path) -> None:
 
 def test_chestxray8_layout(cxr_dir: Path) -> None:
     root = cxr_dir / "chestxray8"
-    raw = (root / "BBox_List_2017.csv").read_text().splitlines()
+    raw = (root / "BBox_List_2017.csv").read_text(encoding="utf-8").splitlines()
     assert raw[0] == CXR8_BBOX_HEADER == "Image Index,Finding Label,Bbox [x,y,w,h],,,"
     header, rows = _read_csv(root / "BBox_List_2017.csv")
     assert len(header) == 9 and header[2:6] == ["Bbox [x", "y", "w", "h]"] and header[6:] == ["", "", ""]
@@ -529,7 +529,7 @@ def test_chestxray8_layout(cxr_dir: Path) -> None:
         "Mass",
         "Nodule",
     }
-    truth = json.loads((root / TRUTH_NAME).read_text())
+    truth = json.loads((root / TRUTH_NAME).read_text(encoding="utf-8"))
     boxed: dict[str, set[str]] = {}
     for row in rows:
         assert len(row) == 6 and row[1] in labels
@@ -538,7 +538,7 @@ def test_chestxray8_layout(cxr_dir: Path) -> None:
         boxed.setdefault(row[0], set()).add(row[1])
         with Image.open(root / "images" / row[0]) as im:
             assert im.format == "PNG" and im.mode == "L" and im.size == (256, 256)
-    entry_raw = (root / "Data_Entry_2017.csv").read_text().splitlines()
+    entry_raw = (root / "Data_Entry_2017.csv").read_text(encoding="utf-8").splitlines()
     assert entry_raw[0] == CXR8_DATA_ENTRY_HEADER
     e_header, e_rows = _read_csv(root / "Data_Entry_2017.csv")
     assert (
@@ -551,8 +551,8 @@ def test_chestxray8_layout(cxr_dir: Path) -> None:
         assert len(r) == 11 and r[0] == f"{int(r[3]):08d}_{int(r[2]):03d}.png"
         want = {{"Infiltrate": "Infiltration"}.get(v, v) for v in boxed.get(r[0], set())}
         assert set(r[1].split("|")) == (want or {"No Finding"})
-    train = set((root / "train_val_list.txt").read_text().split())
-    test = set((root / "test_list.txt").read_text().split())
+    train = set((root / "train_val_list.txt").read_text(encoding="utf-8").split())
+    test = set((root / "test_list.txt").read_text(encoding="utf-8").split())
     assert train | test == listed and not train & test
     pid = {r[0]: r[3] for r in e_rows}
     assert not {pid[i] for i in train} & {pid[i] for i in test}  # by patient

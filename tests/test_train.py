@@ -147,7 +147,7 @@ def test_ddp_two_processes_keep_weights_in_sync(phantom_source, tmp_path):
     dm = make_datamodule(phantom_source)
     t = trainer(tmp_path, 4, devices=2, strategy="ddp_spawn", callbacks=[_RecordWeights(tmp_path)])
     t.fit(module, dm)
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text(encoding="utf-8")) for r in (0, 1)]
     assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=0, abs=1e-9)
     # advantages were computed on both ranks' completions: 2 prompts × 2 completions × 2 ranks
     assert ranks[0]["global_completions"] == 8.0
@@ -177,7 +177,7 @@ def test_train_script_fit_logs_and_checkpoints(phantom_source, tmp_path):
     for key in ("sft/loss", "train/reward", "train/rewards/iou/mean", "train/frac_reward_zero_std",
                 "train/iou/mean", "train/completions/mean_length", "train/clip_ratio/region_mean"):  # fmt: skip
         assert key in keys, key
-    summary = json.loads(next(tmp_path.rglob("grpo_summary.json")).read_text())
+    summary = json.loads(next(tmp_path.rglob("grpo_summary.json")).read_text(encoding="utf-8"))
     assert {"warm_start", "after_grpo"} <= set(summary)
     ckpts = list(tmp_path.rglob("last.ckpt"))
     assert ckpts, "no last checkpoint written"

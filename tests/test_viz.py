@@ -184,7 +184,7 @@ def test_gallery_best_median_worst(tmp_path: Path) -> None:
     assert [r.id for r in tiers["worst"]] == ["cxr/fail", "cxr/6"]  # IoU 0, 0.05
     assert len(tiers["median"]) == 2
     report = write_gallery(ev.rows, tmp_path / "gallery", k=2, metrics=ev.report(), image_root=tmp_path)
-    text = report.read_text()
+    text = report.read_text(encoding="utf-8")
     assert "## Best" in text and "## Median" in text and "## Worst" in text
     links = [line.split("](")[1].rstrip(")") for line in text.splitlines() if line.startswith("![")]
     assert len(links) == 6
@@ -227,7 +227,7 @@ def test_training_curves_from_a_lightning_csv_log(tmp_path: Path) -> None:
             logger.log_metrics({"val/mIoU": 0.02 * step}, step=step)
     logger.save()
     csv_path = next(tmp_path.rglob("metrics.csv"))
-    groups = curve_columns(csv_path.read_text().splitlines()[0].split(","))
+    groups = curve_columns(csv_path.read_text(encoding="utf-8").splitlines()[0].split(","))
     assert groups == {
         "rewards": ["rewards/iou/mean", "train/reward"],
         "IoU": ["val/mIoU"],

@@ -172,7 +172,10 @@ class ResumableWeightedSampler(Sampler[int]):
         return iter(order[start:].tolist())
 
     def __len__(self) -> int:
-        return self.num_samples - self.start
+        # The whole epoch, also when resuming part-way: Lightning restores how many batches of the epoch were
+        # already seen and ends the epoch when that count reaches len(dataloader); a shortened length would end
+        # every later epoch early (it is computed once).
+        return self.num_samples
 
 
 @dataclass
@@ -344,7 +347,9 @@ class GroundingDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if trainer is None:
             return {}
-        progress = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        # `processed`, not `completed`: ModelCheckpoint saves in on_train_batch_end, before Lightning counts the
+        # batch as completed, so `completed` would make a resumed run see that batch a second time.
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current.processed
         return {"epoch": int(trainer.current_epoch), "samples_consumed": int(progress) * self.batch_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

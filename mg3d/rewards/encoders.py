@@ -358,7 +358,7 @@ class CLIPRegionEncoder(RegionEncoder):
         proc_file = folder / "preprocessor_config.json"
         if proc_file.is_file():
             try:
-                proc = json.loads(proc_file.read_text())
+                proc = json.loads(proc_file.read_text(encoding="utf-8"))
             except (OSError, json.JSONDecodeError) as err:
                 raise ConfigError(f"{proc_file}: unreadable ({err})") from err
             mean, std = proc.get("image_mean", mean), proc.get("image_std", std)

@@ -1,0 +1,258 @@
+"""Kill and resume: ``scripts/train.py fit`` killed with SIGKILL (once mid-checkpoint-write, once at a seeded
+random moment) and resumed with ``--ckpt_path last`` ends with the same weights as an uninterrupted run.
+
+Also the unit behaviour of :mod:`mg3d.checkpointing`: atomic writes, stale temporaries, refusal of partial files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mg3d.checkpointing import (
+    AtomicCheckpointIO,
+    atomic_torch_save,
+    remove_stale_temporaries,
+    temporary_path,
+    with_atomic_checkpoint_io,
+)
+from mg3d.data.datamodule import GroundingDataModule, SourceConfig, SyntheticConfig
+from mg3d.data.transforms import PipelineConfig
+from mg3d.errors import ConfigError
+from mg3d.grounder import load_checkpoint_safely
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_STEPS = 10
+# The tiny random policy writes ~10 characters per completion: rewarding "at most 10" gives every group a reward
+# spread, so every GRPO step moves the weights and a resume that replayed or skipped a batch would show.
+REWARDS = {"format": {"mode": "lenient", "sanity_weight": 1.0, "min_think_chars": 0, "max_chars": 10}}
+
+
+# ---------------------------------------------------------------------------------------------- unit
+
+
+def test_atomic_save_replaces_whole_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "sub" / "a.ckpt"
+    atomic_torch_save({"w": torch.ones(3)}, path)
+    atomic_torch_save({"w": torch.zeros(4)}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.zeros(4))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["a.ckpt"]
+
+
+def test_failed_save_keeps_previous_file(tmp_path):
+    """An exception mid-write (the in-process analogue of a kill) leaves the old checkpoint untouched."""
+    path = tmp_path / "last.ckpt"
+    atomic_torch_save({"step": 1}, path)
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_torch_save({"step": 2, "bad": Boom()}, path)
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    mine = temporary_path(tmp_path / "last.ckpt")
+    stale = tmp_path / mine.name.replace(f"-{os.getpid()}.tmp", f"-{dead.pid}.tmp")
+    other_host = tmp_path / f".last.ckpt.otherhost-{dead.pid}.tmp"
+    live = tmp_path / mine.name.replace(f"-{os.getpid()}.tmp", f"-{os.getppid()}.tmp")
+    for p in (mine, stale, other_host, live):
+        p.write_bytes(b"partial")
+    assert remove_stale_temporaries(tmp_path) == [stale]
+    assert mine.exists() and other_host.exists() and live.exists()
+
+
+def test_partial_checkpoint_is_refused_with_its_name(tmp_path):
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(1000)}, "global_step": 3}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ConfigError, match="last.ckpt"):
+        AtomicCheckpointIO().load_checkpoint(path)
+
+
+def test_plugin_is_added_once_and_steps_aside_for_other_checkpoint_io():
+    assert isinstance(with_atomic_checkpoint_io(None)[0], AtomicCheckpointIO)
+    mine = AtomicCheckpointIO()
+    assert with_atomic_checkpoint_io([mine]) == [mine]
+    assert with_atomic_checkpoint_io(None, strategy="xla") is None
+    assert [type(p) for p in with_atomic_checkpoint_io("bf16-mixed")] == [str, AtomicCheckpointIO]
+
+
+def test_cli_trainer_uses_atomic_checkpoint_io(tmp_path):
+    from mg3d.cli import main
+
+    source = {"path": str(tmp_path / "none"), "pipeline": {"spatial_size": [28, 28, 8]}}
+    cli = main(
+        ["--config", str(ROOT / "configs" / "demo.yaml"), "--trainer.logger=false",
+         f"--trainer.default_root_dir={tmp_path}", f"--data.sources=[{json.dumps(source)}]",
+         "--model.policy.num_layers=1"],
+        run=False,
+    )  # fmt: skip
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+# ---------------------------------------------------------------------------------------------- kill and resume
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("resume") / "ct3d"
+    source = SourceConfig(
+        path=str(folder),
+        synthetic=SyntheticConfig(kind="ct3d", n=16, seed=3, val_fraction=0.25, questions_per_region=[1, 0],
+                                  options={"shape": [32, 32, 16], "single_lesion": True}),  # fmt: skip
+        pipeline=PipelineConfig(spatial_size=(28, 28, 8)),
+    )
+    GroundingDataModule([source]).prepare_data()
+    return folder
+
+
+def _command(phantoms: Path, ckpt_dir: Path, resume: bool, keep_all: bool = False) -> list[str]:
+    source = {"path": str(phantoms), "pipeline": {"spatial_size": [28, 28, 8]}}
+    checkpoint = {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"dirpath": str(ckpt_dir), "save_last": True, "every_n_train_steps": 1,
+                      "save_top_k": -1 if keep_all else 1},
+    }  # fmt: skip
+    return [
+        sys.executable, str(ROOT / "scripts" / "train.py"), "fit", "--config", str(ROOT / "configs" / "demo.yaml"),
+        f"--trainer.max_steps={MAX_STEPS}", "--model.warm_start.steps=2", "--model.steps_per_generation=1",
+        "--model.rollout.num_generations=4", "--model.rollout.max_new_tokens=12", "--model.prompt.max_vision_tokens=32",
+        f"--model.rewards={json.dumps(REWARDS)}",
+        "--model.evaluation.enabled=false", "--model.log_completions_every_n_steps=0",
+        f"--data.sources=[{json.dumps(source)}]", "--data.batch_size=2", "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+        f"--trainer.callbacks=[{json.dumps(checkpoint)}]",
+        *(["--ckpt_path", "last"] if resume else []),
+    ]  # fmt: skip
+
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
+
+
+def _start(cmd: list[str], cwd: Path, log: Path) -> subprocess.Popen:
+    cwd.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+
+
+def _temporaries(folder: Path) -> list[str]:
+    try:
+        return [e.name for e in os.scandir(folder) if e.name.endswith(".tmp")]
+    except FileNotFoundError:
+        return []
+
+
+def _wait(proc: subprocess.Popen, condition, timeout: float = 300.0, poll: float = 0.0005) -> bool:
+    """Poll ``condition`` until it holds (True) or the process exits (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(poll)
+    proc.kill()
+    raise TimeoutError("training subprocess did not reach the expected point in time")
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)  # this test's own child, by its id
+    proc.wait(timeout=60)
+
+
+def _load(path: Path) -> dict:
+    return load_checkpoint_safely(path)  # torch.load(weights_only=True), mg3d's allow-list
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_sigkill_mid_write_and_at_random_moment_then_resume_matches_uninterrupted(phantoms, tmp_path):
+    rng = random.Random(20240611)
+    log = tmp_path / "train.log"
+
+    # 1. the uninterrupted reference
+    ref_dir = tmp_path / "reference" / "ckpt"
+    ref_dir.parent.mkdir(parents=True)
+    ref = subprocess.run(_command(phantoms, ref_dir, resume=False, keep_all=True), cwd=ref_dir.parent, env=ENV,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    reference = _load(ref_dir / "last.ckpt")
+    assert reference["global_step"] == MAX_STEPS
+    # the test has teeth: every step (warm start and GRPO) moved the weights, so a replayed or skipped batch,
+    # a lost optimiser state or a reset sampling generator would change the final weights
+    previous = None
+    for step in range(1, MAX_STEPS + 1):
+        path = next(ref_dir.glob(f"*-step={step}.ckpt"))
+        weights = _load(path)["state_dict"]
+        if previous is not None:
+            assert any(not torch.equal(weights[k], previous[k]) for k in weights), f"step {step} changed nothing"
+        previous = weights
+        path.unlink()
+
+    # 2. killed as soon as a checkpoint write is under way (after a first complete checkpoint), up to 3 tries
+    run_dir = tmp_path / "killed"
+    ckpt_dir = run_dir / "ckpt"
+    mid_write_kills = 0
+    for attempt in range(3):
+        proc = _start(_command(phantoms, ckpt_dir, resume=attempt > 0), run_dir, log)
+        before = set(_temporaries(ckpt_dir))
+
+        def writing(before=before) -> bool:
+            return (ckpt_dir / "last.ckpt").exists() and bool(set(_temporaries(ckpt_dir)) - before)
+
+        reached = _wait(proc, writing)
+        _kill(proc)
+        assert reached, f"run ended before a checkpoint write could be interrupted:\n{log.read_text(encoding="utf-8")[-3000:]}"
+        left = set(_temporaries(ckpt_dir))
+        if left - before:
+            mid_write_kills += 1
+            break
+    assert mid_write_kills == 1, "never killed during a checkpoint write"
+    # what a resume would load is complete; the partial write is only a hidden temporary
+    killed_at = _load(ckpt_dir / "last.ckpt")["global_step"]
+    assert 1 <= killed_at < MAX_STEPS
+    for ckpt in ckpt_dir.glob("*.ckpt"):
+        _load(ckpt)
+
+    # 3. resumed, then killed at a seeded random moment after its first new checkpoint
+    proc = _start(_command(phantoms, ckpt_dir, resume=True), run_dir, log)
+    first_mtime = (ckpt_dir / "last.ckpt").stat().st_mtime_ns
+    reached = _wait(proc, lambda: (ckpt_dir / "last.ckpt").stat().st_mtime_ns != first_mtime, poll=0.005)
+    assert reached, log.read_text(encoding="utf-8")[-3000:]
+    time.sleep(rng.uniform(0.0, 0.5))
+    _kill(proc)
+    second = _load(ckpt_dir / "last.ckpt")["global_step"]
+    assert killed_at < second <= MAX_STEPS
+
+    # 4. resumed to the end
+    final = subprocess.run(_command(phantoms, ckpt_dir, resume=True), cwd=run_dir, env=ENV, capture_output=True,
+                           text=True, timeout=600)  # fmt: skip
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert _temporaries(ckpt_dir) == [], "temporaries of killed runs were not removed"
+    resumed = _load(ckpt_dir / "last.ckpt")
+    assert resumed["global_step"] == MAX_STEPS
+    assert resumed["state_dict"].keys() == reference["state_dict"].keys()
+    for key, value in reference["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=0, msg=key)
+    for ref_opt, res_opt in zip(reference["optimizer_states"], resumed["optimizer_states"], strict=True):
+        for pid, state in ref_opt["state"].items():
+            for name, value in state.items():
+                torch.testing.assert_close(res_opt["state"][pid][name], value, rtol=0, atol=0)
+    assert torch.equal(resumed["mg3d_sampling_rng"], reference["mg3d_sampling_rng"])
+    print(f"killed mid-write at step {killed_at} (attempt {attempt + 1}), then at step {second}; resumed to {MAX_STEPS}")
