@@ -10,8 +10,8 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.patches import FancyArrowPatch, Rectangle  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.patches import FancyArrowPatch, Rectangle
 
 OUT = Path(__file__).parent / "img" / "frames.png"
 
@@ -59,7 +59,11 @@ def main() -> None:
 
     fig.subplots_adjust(left=0.04, right=0.98, top=0.92, bottom=0.3, wspace=0.35)
     arrows = [
-        (0.20, 0.50, "CoordinateFrame: orientation, spacing, crop, resize, pad, patch (each step invertible)"),
+        (
+            0.20,
+            0.50,
+            "CoordinateFrame: orientation, spacing, crop, resize, pad, patch (each step invertible)",
+        ),
         (0.50, 0.82, "affine of the stored image (voxel centres → mm)"),
     ]
     for x0, x1, label in arrows:

@@ -8,7 +8,6 @@ model and the data.
 from __future__ import annotations
 
 import os
-
 from typing import Any
 
 from lightning.pytorch import Trainer

@@ -123,7 +123,9 @@ class GroundingPrompter:
         region = None
         if region_hint and self.visual_tokenizer.volume_strategy != "video" and len(sample.get("boxes", [])):
             region = np.asarray(sample["boxes"], dtype=float)[0]  # voxel frame; the tokenizer maps it
-        return self.visual_tokenizer(sample["image"], sample["frame"], spacing=sample.get("spacing"), region=region)
+        return self.visual_tokenizer(
+            sample["image"], sample["frame"], spacing=sample.get("spacing"), region=region
+        )
 
     def _messages(self, sample: Mapping[str, Any], visual: TokenizedVisual) -> list[dict[str, Any]]:
         ndim = visual.ndim
@@ -201,7 +203,9 @@ class GroundingPrompter:
 
     # -- answers ----------------------------------------------------------------------------------------
 
-    def decode(self, completions: Sequence[str], batch: PromptBatch, prompt_index: Sequence[int]) -> list[Decoded]:
+    def decode(
+        self, completions: Sequence[str], batch: PromptBatch, prompt_index: Sequence[int]
+    ) -> list[Decoded]:
         """Parse each completion (never raises) and map its box to the text grid and the voxel frame."""
         out: list[Decoded] = []
         for text, p in zip(completions, prompt_index):

@@ -249,7 +249,11 @@ _TEMPLATES: dict[str, PromptTemplate] = {
     ),
     "plain": PromptTemplate("plain", think=False, chain_of_box=False, description="answer only (SFT)"),
     "terse": PromptTemplate(
-        "terse", think=False, chain_of_box=False, description="'Find {phrase}.' and a bare list (tiny demo)", terse=True
+        "terse",
+        think=False,
+        chain_of_box=False,
+        description="'Find {phrase}.' and a bare list (tiny demo)",
+        terse=True,
     ),
 }
 

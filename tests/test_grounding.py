@@ -23,7 +23,14 @@ def _volume_sample(sid: str, box: list[float]) -> dict:
     # Original voxel grid 64×64×16, the pipeline resized it to 56×56×16.
     frame = CoordinateFrame((64, 64, 16)).then(resize_step((64, 64, 16), (56, 56, 16)))
     image = torch.rand(1, 56, 56, 16)
-    return {"id": sid, "text": "the lesion", "image": image, "frame": frame, "boxes": np.asarray([box]), "spacing": None}
+    return {
+        "id": sid,
+        "text": "the lesion",
+        "image": image,
+        "frame": frame,
+        "boxes": np.asarray([box]),
+        "spacing": None,
+    }
 
 
 def _image_sample(sid: str, box: list[float]) -> dict:
@@ -39,7 +46,9 @@ def test_answer_decodes_to_ground_truth(policy, template):
     batch = prompter.build(samples)
     assert batch.inputs["input_ids"].shape[0] == 2
     assert "pixel_values_videos" in batch.inputs and "pixel_values" in batch.inputs
-    completions = batch.answers if template in ("terse", "plain") else [f"<think>ok</think>{a}" for a in batch.answers]
+    completions = (
+        batch.answers if template in ("terse", "plain") else [f"<think>ok</think>{a}" for a in batch.answers]
+    )
     decoded = prompter.decode(completions, batch, [0, 1])
     for d, gt, frame in zip(decoded, batch.gt_boxes, batch.frames):
         assert d.ok, d.parsed
@@ -83,7 +92,10 @@ def test_sft_loss_is_answer_nll_and_trains(policy):
     prompter = GroundingPrompter(policy, template="terse", system_prompt="")
     batch = prompter.build([_volume_sample("a", [8, 16, 2, 40, 48, 10])])
     target = answer_rollout(policy, batch)
-    assert target.completion_mask.sum() == len(policy.tokenizer(batch.answers[0], add_special_tokens=False)["input_ids"]) + 1
+    assert (
+        target.completion_mask.sum()
+        == len(policy.tokenizer(batch.answers[0], add_special_tokens=False)["input_ids"]) + 1
+    )
     model = policy.model
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)

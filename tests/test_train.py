@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
-import numpy as np
 import pytest
 import torch
 
@@ -35,8 +34,14 @@ def phantom_source(tmp_path_factory) -> SourceConfig:
     folder = tmp_path_factory.mktemp("phantoms") / "ct3d"
     source = SourceConfig(
         path=str(folder),
-        synthetic=SyntheticConfig(kind="ct3d", n=16, seed=3, val_fraction=0.25, questions_per_region=[1, 0],
-                                  options={"shape": TINY_SHAPE, "single_lesion": True}),  # fmt: skip
+        synthetic=SyntheticConfig(
+            kind="ct3d",
+            n=16,
+            seed=3,
+            val_fraction=0.25,
+            questions_per_region=[1, 0],
+            options={"shape": TINY_SHAPE, "single_lesion": True},
+        ),
         pipeline=PipelineConfig(spatial_size=(28, 28, 8)),
     )
     GroundingDataModule([source]).prepare_data()
@@ -105,7 +110,9 @@ def test_exact_resume_matches_uninterrupted_run(phantom_source, tmp_path):
     trainer(tmp_path / "b", 7).fit(resumed, make_datamodule(phantom_source), ckpt_path=str(ckpt))
     assert resumed.grpo_phase_started
     for key, value in reference.items():
-        torch.testing.assert_close(weights(resumed)[key], value, rtol=0, atol=0, msg=f"{key} differs after resume")
+        torch.testing.assert_close(
+            weights(resumed)[key], value, rtol=0, atol=0, msg=f"{key} differs after resume"
+        )
 
 
 @pytest.mark.slow
@@ -137,7 +144,9 @@ class _RecordWeights(pl.Callback):
         total = sum(float(p.double().sum()) for p in pl_module.model.parameters())
         gathered = pl_module.trainer.callback_metrics.get("train/num_completions_global")
         (self.folder / f"rank{trainer.global_rank}.json").write_text(
-            json.dumps({"checksum": total, "global_completions": float(gathered) if gathered is not None else None})
+            json.dumps(
+                {"checksum": total, "global_completions": float(gathered) if gathered is not None else None}
+            )
         )
 
 

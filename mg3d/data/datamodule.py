@@ -22,12 +22,23 @@ Caching
 The deterministic part of each pipeline (decode, orientation, spacing, preset, crop, fit) is cached:
 ``cache="memory"`` (MONAI ``CacheDataset``, filled in ``setup``), ``"disk"`` (``PersistentDataset`` under
 ``cache_dir``, reused across runs) or ``"none"``. Random augmentations run after the cache on every draw.
+
+Bad items
+---------
+A record whose files fail to load or preprocess (truncated, corrupt, replaced since ``prepare_data``, NaN
+voxels …) stops the run with a :class:`~mg3d.errors.DataError` naming it (``on_error="raise"``), or with
+``on_error="skip"`` is left out, logged with its id and reason, listed in :attr:`GroundingDataModule.skipped`
+and written to ``skipped.json`` in the trainer's log folder — never dropped silently. Skipping checks every
+item once in ``setup`` (the memory and disk caches are filled by that pass; ``cache="none"`` decodes each
+item one extra time).
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -35,15 +46,25 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
-from torch.utils.data import ConcatDataset, Sampler
+from monai.transforms import Compose, MapTransform
+from torch.utils.data import ConcatDataset, Sampler, Subset
 
 from mg3d.data.records import SPLITS, GroundingRecord, read_manifest
 from mg3d.data.transforms import AugmentConfig, PipelineConfig, build_pipeline, record_to_item
-from mg3d.errors import ConfigError, DataError
+from mg3d.errors import ConfigError, DataError, Mg3dError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GroundingDataModule", "SourceConfig", "batch_columns", "collate_samples", "load_source_records"]
+__all__ = [
+    "GroundingDataModule",
+    "RequireFinited",
+    "SourceConfig",
+    "batch_columns",
+    "collate_samples",
+    "load_source_records",
+]
+
+SKIPPED_FILE = "skipped.json"
 
 
 @dataclass
@@ -178,6 +199,55 @@ class ResumableWeightedSampler(Sampler[int]):
         return self.num_samples
 
 
+class RequireFinited(MapTransform):
+    """Refuse an image with NaN/Inf voxels after preprocessing: they would reach the vision tower and make the
+    whole batch's loss non-finite, far from the file that caused it."""
+
+    def __init__(self) -> None:
+        super().__init__(["image"])
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> Mapping[Hashable, Any]:
+        image = data["image"]
+        if isinstance(image, torch.Tensor) and image.is_floating_point():
+            bad = int((~torch.isfinite(image)).sum())
+            if bad:
+                path = getattr(image, "meta", {}).get("filename_or_obj", "?")
+                raise DataError(
+                    f"record {data.get('id')!r}: image {path} holds {bad} non-finite voxel(s) (NaN/Inf) "
+                    "after preprocessing; fix or remove the file"
+                )
+        return data
+
+
+def _failure(err: BaseException, rid: str) -> str:
+    """The reason an item failed, naming it: mg3d's own error if one is in the chain (MONAI wraps every
+    transform error in ``RuntimeError("applying transform …")``), else the innermost exception."""
+    chain: list[BaseException] = []
+    current: BaseException | None = err
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    for exc in chain:
+        if isinstance(exc, Mg3dError):
+            return str(exc) if repr(rid) in str(exc) else f"record {rid!r}: {exc}"
+    inner = chain[-1]
+    return f"record {rid!r}: {type(inner).__name__}: {inner}"
+
+
+class _RecordDataset(Dataset):
+    """A part's dataset whose failures at draw time name the record (a file broken after ``setup``)."""
+
+    def __init__(self, data: Any, transform: Any, ids: Sequence[str]) -> None:
+        super().__init__(data, transform)
+        self.ids = list(ids)
+
+    def _transform(self, index: int) -> Any:
+        try:
+            return super()._transform(index)
+        except Exception as err:
+            raise DataError(_failure(err, self.ids[index])) from err
+
+
 @dataclass
 class _Part:
     """One (source, ndim) slice of a split: its dataset and what the sampling weights need."""
@@ -203,6 +273,8 @@ class GroundingDataModule(L.LightningDataModule):
         samples_per_epoch: training draws per epoch (default: the total number of training records).
         cache_workers: threads used to fill the memory cache.
         pin_memory: pin batches for GPU transfer.
+        on_error: an item that fails to load stops the run naming it (``raise``) or is left out and reported
+            (``skip``: :attr:`skipped`, the log and ``skipped.json`` in the log folder).
     """
 
     def __init__(
@@ -217,6 +289,7 @@ class GroundingDataModule(L.LightningDataModule):
         samples_per_epoch: int | None = None,
         cache_workers: int = 1,
         pin_memory: bool = False,
+        on_error: Literal["raise", "skip"] = "raise",
     ) -> None:
         super().__init__()
         # Stored in checkpoints so that inference (mg3d.grounder) rebuilds the exact pipelines.
@@ -232,6 +305,8 @@ class GroundingDataModule(L.LightningDataModule):
             raise ConfigError(f"GroundingDataModule: cache must be 'memory', 'disk' or 'none', got {cache!r}")
         if cache == "disk" and not cache_dir:
             raise ConfigError("GroundingDataModule: cache='disk' needs cache_dir")
+        if on_error not in ("raise", "skip"):
+            raise ConfigError(f"GroundingDataModule: on_error must be 'raise' or 'skip', got {on_error!r}")
         if samples_per_epoch is not None and samples_per_epoch <= 0:
             raise ConfigError(
                 f"GroundingDataModule: samples_per_epoch must be positive, got {samples_per_epoch}"
@@ -245,6 +320,9 @@ class GroundingDataModule(L.LightningDataModule):
         self.samples_per_epoch = samples_per_epoch
         self.cache_workers = cache_workers
         self.pin_memory = pin_memory
+        self.on_error = on_error
+        #: items left out under ``on_error="skip"``: ``{"id", "source", "split", "image", "reason"}`` each.
+        self.skipped: list[dict[str, Any]] = []
         self._parts: dict[str, list[_Part]] = {}
         self._resume: tuple[int, int] = (0, 0)
         self._sampler: ResumableWeightedSampler | None = None
@@ -256,20 +334,58 @@ class GroundingDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return int(trainer.global_rank) if trainer is not None else 0
 
-    def _dataset(self, items: list[dict[str, Any]], index: int, ndim: int, split: str) -> Dataset:
+    def _dataset(self, items: list[dict[str, Any]], index: int, ndim: int, split: str) -> tuple[Dataset, int]:
+        """The part's dataset and its size (after leaving out bad items under ``on_error="skip"``)."""
         source = self.sources[index]
         pipeline = build_pipeline(source.pipeline, ndim, train=split == "train")
         # distinct augmentation streams per rank and per part; workers are reseeded by MONAI's DataLoader
         pipeline.set_random_state(self.seed + 1_000_003 * self.rank + 10 * index + ndim)
+        deterministic = Compose([pipeline.deterministic, RequireFinited()])
         if self.cache == "memory":
-            base: Dataset = CacheDataset(items, pipeline.deterministic, num_workers=self.cache_workers,
-                                         progress=False)  # fmt: skip
+            # Filled item by item by _check_items (threads as before), so a bad item is attributed and skippable.
+            base: Dataset = CacheDataset(items, deterministic, num_workers=self.cache_workers, progress=False,
+                                         runtime_cache=True)  # fmt: skip
         elif self.cache == "disk":
             folder = Path(str(self.cache_dir)) / f"{index}-{source.label}-{split}-{ndim}d"
-            base = PersistentDataset(items, pipeline.deterministic, cache_dir=folder, track_meta=True)
+            base = PersistentDataset(items, deterministic, cache_dir=folder, track_meta=True)
         else:
-            base = Dataset(items, pipeline.deterministic)
-        return Dataset(base, pipeline.random)  # type: ignore[arg-type]  # a dataset is a valid data sequence
+            base = Dataset(items, deterministic)
+        keep = list(range(len(items)))
+        if self.cache == "memory" or self.on_error == "skip":
+            keep = self._check_items(base, items, source.label, split)
+            if len(keep) < len(items):
+                base = Subset(base, keep)  # type: ignore[assignment]
+        dataset = _RecordDataset(base, pipeline.random, [items[i]["id"] for i in keep])
+        return dataset, len(keep)
+
+    def _check_items(self, base: Dataset, items: list[dict[str, Any]], label: str, split: str) -> list[int]:
+        """Run every item's deterministic pipeline once (filling a cache); raise on or record each failure."""
+
+        def attempt(i: int) -> BaseException | None:
+            try:
+                base[i]
+            except Exception as err:  # any reader/transform failure is a bad item, reported with its reason
+                return err
+            return None
+
+        workers = max(1, int(self.cache_workers)) if self.cache == "memory" else 1
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            errors = list(pool.map(attempt, range(len(items))))
+        keep = []
+        for i, err in enumerate(errors):
+            if err is None:
+                keep.append(i)
+                continue
+            reason = _failure(err, items[i]["id"])
+            if self.on_error == "raise":
+                raise DataError(f"{reason} (source {label}, {split} split; data.on_error: skip leaves such "
+                                "items out and reports them)") from err  # fmt: skip
+            self.skipped.append(
+                {"id": items[i]["id"], "source": label, "split": split, "image": str(items[i]["image"]),
+                 "reason": reason}
+            )  # fmt: skip
+            log.warning("skipped record %r (source %s, %s split): %s", items[i]["id"], label, split, reason)
+        return keep
 
     def build_split(self, split: str) -> list[_Part]:
         """Datasets of ``split``, one per (source, ndim); built once and kept."""
@@ -286,7 +402,9 @@ class GroundingDataModule(L.LightningDataModule):
                     source.pipeline.check_ndim(ndim, where=f"source {source.label}")
                 except ConfigError as err:
                     raise ConfigError(f"{err} (record {items[0]['id']!r})") from None
-                parts.append(_Part(index, source, ndim, self._dataset(items, index, ndim, split), len(items)))
+                dataset, size = self._dataset(items, index, ndim, split)
+                if size:
+                    parts.append(_Part(index, source, ndim, dataset, size))
         self._parts[split] = parts
         return parts
 
@@ -294,8 +412,37 @@ class GroundingDataModule(L.LightningDataModule):
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
         for split in wanted.get(stage or "fit", SPLITS):
             self.build_split(split)
+        self._report_skipped()
         if (stage or "fit") == "fit" and not self.build_split("train"):
-            raise DataError(f"no training records in any source: {[s.path for s in self.sources]}")
+            skipped = sum(1 for s in self.skipped if s["split"] == "train")
+            raise DataError(
+                f"no training records in any source: {[s.path for s in self.sources]}"
+                + (f" ({skipped} skipped as unreadable, see {SKIPPED_FILE})" if skipped else "")
+            )
+
+    def skipped_report(self) -> dict[str, Any]:
+        """What ``skipped.json`` holds: counts per split and source, and every skipped item with its reason."""
+        by_split: dict[str, int] = {}
+        by_source: dict[str, int] = {}
+        for item in self.skipped:
+            by_split[item["split"]] = by_split.get(item["split"], 0) + 1
+            by_source[item["source"]] = by_source.get(item["source"], 0) + 1
+        return {"total": len(self.skipped), "by_split": by_split, "by_source": by_source, "items": self.skipped}
+
+    def _report_skipped(self) -> None:
+        if not self.skipped:
+            return
+        log.warning(
+            "%d record(s) skipped as unreadable (on_error=skip): %s", len(self.skipped),
+            ", ".join(s["id"] for s in self.skipped[:5]) + (" …" if len(self.skipped) > 5 else ""),
+        )  # fmt: skip
+        trainer = getattr(self, "trainer", None)
+        folder = getattr(trainer, "log_dir", None) if trainer is not None else None
+        if folder and trainer.is_global_zero:
+            from mg3d.checkpointing import atomic_write
+
+            text = json.dumps(self.skipped_report(), indent=2, ensure_ascii=False) + "\n"
+            atomic_write(Path(folder) / SKIPPED_FILE, lambda handle: handle.write(text.encode("utf-8")))
 
     # ------------------------------------------------------------------------------------------ loaders
 

@@ -241,7 +241,10 @@ class GRPOModule(pl.LightningModule):
             return value.to(device) if isinstance(value, Tensor) else value
 
         if isinstance(batch, Mapping):
-            return {k: [move(v) for v in vals] if isinstance(vals, list) else move(vals) for k, vals in batch.items()}
+            return {
+                k: [move(v) for v in vals] if isinstance(vals, list) else move(vals)
+                for k, vals in batch.items()
+            }
         if isinstance(batch, list):
             return [{k: move(v) for k, v in s.items()} if isinstance(s, Mapping) else move(s) for s in batch]
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
