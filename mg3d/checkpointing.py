@@ -124,7 +124,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     only when it completes, which is the atomicity that matters there.
     """
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
         if _is_remote(path):

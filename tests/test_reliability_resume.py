@@ -218,7 +218,7 @@ def test_sigkill_mid_write_and_at_random_moment_then_resume_matches_uninterrupte
 
         reached = _wait(proc, writing)
         _kill(proc)
-        assert reached, f"run ended before a checkpoint write could be interrupted:\n{log.read_text(encoding="utf-8")[-3000:]}"
+        assert reached, f"run ended before a checkpoint write could be interrupted:\n{log.read_text(encoding='utf-8')[-3000:]}"
         left = set(_temporaries(ckpt_dir))
         if left - before:
             mid_write_kills += 1
