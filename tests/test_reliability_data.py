@@ -57,7 +57,9 @@ def write_dicom(path: Path, pixels: np.ndarray, **tags) -> Path:
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
+    meta.MediaStorageSOPClassUID = (
+        "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
+    )
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
@@ -81,7 +83,12 @@ def png_with_header(path: Path, width: int, height: int) -> Path:
     """A PNG whose IHDR claims ``width × height`` pixels, with one tiny compressed row of data."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -341,7 +348,17 @@ def _csv_line(header: list[str], row: dict[str, str]) -> str:
 
 
 def _prepare(corpus: Corpus, out: Path, which: str, on_error: str) -> int:
-    common = ["--out", str(out), "--on-error", on_error, "--no-progress", "--val-fraction", "0.2", "--seed", "1"]
+    common = [
+        "--out",
+        str(out),
+        "--on-error",
+        on_error,
+        "--no-progress",
+        "--val-fraction",
+        "0.2",
+        "--seed",
+        "1",
+    ]
     if which == "ct":
         return prepare_main(["m3d-refseg", "--root", str(corpus.ct_root), "--all-csv", str(corpus.ct_csv),
                              "--test-fraction", "0.0", *common])  # fmt: skip
@@ -381,7 +398,9 @@ def test_prepare_skip_reports_every_broken_item_with_its_reason(corpus, prepared
             assert len(found) == 1, f"{b.name}: no single skip for {at} in {[s['item'] for s in skips]}"
             assert found[0]["kind"] == b.kind, f"{b.name}: kind {found[0]['kind']} ({found[0]['reason']})"
             assert found[0]["reason"], b.name
-        assert summary["skipped"]["total"] == len(expected), "a valid item was skipped or a skip was counted twice"
+        assert summary["skipped"]["total"] == len(expected), (
+            "a valid item was skipped or a skip was counted twice"
+        )
         # every valid item, and every item only decoding can find fault with, became a record
         n_fit = sum(1 for b in corpus.broken if b.csv == which and b.stage == "fit")
         n_valid = corpus.valid_ct_cases if which == "ct" else corpus.valid_cxr_rows
@@ -395,7 +414,9 @@ def test_prepare_raise_stops_at_first_broken_item_naming_it(corpus, which, tmp_p
     first = min((b for b in corpus.broken if b.csv == which and b.stage == "prepare"), key=lambda b: b.line)
     csv_name = (corpus.ct_csv if which == "ct" else corpus.cxr_csv).name
     # the CSV line (M3D) or the item's image file (MS-CXR: image errors name the file) — never another item
-    assert err.startswith("error: ") and (f"{csv_name}:{first.line}:" in err or f"/{first.id_part}." in err), err
+    assert err.startswith("error: ") and (
+        f"{csv_name}:{first.line}:" in err or f"/{first.id_part}." in err
+    ), err
     assert not (tmp_path / "out" / "train.jsonl").exists(), "no manifest may be written by a failed run"
 
 
@@ -430,7 +451,9 @@ def test_huge_headers_are_refused_without_allocating(corpus):
     assert peak < 32 * 2**20, f"peak traced allocation {peak / 2**20:.1f} MB"
 
 
-@pytest.mark.xfail(strict=True, reason="read_csv_rows ignores cells beyond the header (mg3d/data/sources/_common.py)")
+@pytest.mark.xfail(
+    strict=True, reason="read_csv_rows ignores cells beyond the header (mg3d/data/sources/_common.py)"
+)
 def test_m3d_row_with_extra_fields_is_reported(corpus, tmp_path):
     """An unquoted comma in the last column adds a field; the row is read with the cell silently dropped."""
     csv_path = tmp_path / "extra.csv"
@@ -513,7 +536,6 @@ def _module():
     )  # fmt: skip
 
 
-@pytest.mark.slow
 def test_fit_with_skip_trains_on_every_valid_item_and_reports_the_rest(corpus, prepared, tmp_path):
     data, faults = _corrupt_after_preparation(prepared, tmp_path / "data")
     dm = GroundingDataModule(_sources(data), batch_size=4, cache="memory", on_error="skip")

@@ -115,7 +115,7 @@ def phantoms(tmp_path_factory) -> Path:
     source = SourceConfig(
         path=str(folder),
         synthetic=SyntheticConfig(kind="ct3d", n=16, seed=3, val_fraction=0.25, questions_per_region=[1, 0],
-                                  options={"shape": [32, 32, 16], "single_lesion": True}),  # fmt: skip
+                                  options={"shape": [32, 32, 16], "single_lesion": True}),
         pipeline=PipelineConfig(spatial_size=(28, 28, 8)),
     )
     GroundingDataModule([source]).prepare_data()
