@@ -81,7 +81,7 @@ def test_partial_checkpoint_is_refused_with_its_name(tmp_path):
     torch.save({"state_dict": {"w": torch.ones(1000)}, "global_step": 3}, path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ConfigError, match="last.ckpt"):
+    with pytest.raises(ConfigError, match=r"last\.ckpt"):
         AtomicCheckpointIO().load_checkpoint(path)
 
 
