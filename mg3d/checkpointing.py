@@ -8,7 +8,7 @@ fsynced — a job killed or a node lost mid-copy leaves a truncated ``last.ckpt`
 :class:`AtomicCheckpointIO` writes each checkpoint to a temporary file *in the destination folder*, fsyncs it,
 renames it over the target with ``os.replace`` (atomic on POSIX and Windows within one file system) and fsyncs
 the folder, so a reader sees the old file or the new one, never a prefix. A process killed mid-write leaves only
-a hidden ``.<name>.<host>-<pid>.tmp`` file: Lightning's ``ckpt_path="last"`` never matches it (it looks for
+a hidden ``.<name>.<host>-<pid>-<thread>.tmp`` file: Lightning's ``ckpt_path="last"`` never matches it (it looks for
 ``last*.ckpt``), and the next successful save in that folder removes temporaries of dead processes of this host.
 
 Loading goes through :func:`mg3d.grounder.load_checkpoint_safely` (``torch.load(weights_only=True)`` after
@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import socket
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,17 +37,18 @@ log = logging.getLogger(__name__)
 
 _TMP_SUFFIX = ".tmp"
 _HOST = re.sub(r"[^A-Za-z0-9_-]+", "_", socket.gethostname()) or "host"
-# ".<final name>.<host>-<pid>.tmp"
-_TMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)\.tmp$")
+# ".<final name>.<host>-<pid>-<thread>.tmp": unique per writer, also for threads (Lightning's AsyncCheckpointIO)
+_TMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9_-]+?)-(?P<pid>\d+)-(?P<tid>\d+)\.tmp$")
 
 
 def _is_remote(path: str | os.PathLike[str]) -> bool:
     return "://" in str(path)
 
 
-def temporary_path(path: Path) -> Path:
-    """Where ``path`` is written before the rename: a hidden file beside it, unique per host and process."""
-    return path.with_name(f".{path.name}.{_HOST}-{os.getpid()}{_TMP_SUFFIX}")
+def temporary_path(path: Path, pid: int | None = None, host: str = _HOST) -> Path:
+    """Where ``path`` is written before the rename: a hidden file beside it, unique per host, process, thread."""
+    pid = os.getpid() if pid is None else pid
+    return path.with_name(f".{path.name}.{host}-{pid}-{threading.get_ident()}{_TMP_SUFFIX}")
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -141,7 +143,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         from mg3d.grounder import load_checkpoint_safely
 
         if weights_only is False:
-            log.warning("%s: weights_only=False ignored; mg3d loads checkpoints weights-only", path)
+            log.warning(
+                "%s: a full (unsafe) unpickling was requested; mg3d loads checkpoints weights-only", path
+            )
         if _is_remote(path):
             return super().load_checkpoint(path, map_location=map_location, weights_only=True)
         if not Path(path).is_file():

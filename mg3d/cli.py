@@ -1,35 +1,69 @@
 """mg3d's LightningCLI: ``python scripts/train.py fit|validate|test|predict --config configs/….yaml``.
 
 Subclassed only to set mg3d's defaults (seeded runs, CSV + TensorBoard loggers, rich progress bar, a last
-checkpoint for exact resume, atomic checkpoint writes) and to link arguments that must agree between the
-model and the data.
+checkpoint for exact resume, atomic checkpoint writes), to link arguments that must agree between the
+model and the data, and to read ``--ckpt_path`` safely.
+
+Checkpoints live in one fixed folder per run, ``<trainer.default_root_dir>/checkpoints``: a ``ModelCheckpoint``
+without a ``dirpath`` would otherwise write into the logger's ``version_N`` folder, and a restarted run (a new
+version) would not find the previous run's ``last.ckpt`` with ``--ckpt_path last``.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import warnings
+from pathlib import Path
 from typing import Any
 
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol, get_filesystem
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from mg3d.checkpointing import with_atomic_checkpoint_io
 from mg3d.data.datamodule import GroundingDataModule
 from mg3d.grpo.module import GRPOModule
 
-__all__ = ["MG3DCLI", "main"]
+__all__ = ["CHECKPOINT_FOLDER", "MG3DCLI", "fix_checkpoint_dirs", "main"]
+
+#: Where checkpoints without their own ``dirpath`` go, under the trainer's ``default_root_dir``.
+CHECKPOINT_FOLDER = "checkpoints"
+
+
+def fix_checkpoint_dirs(trainer: Trainer) -> list[ModelCheckpoint]:
+    """Give every ``ModelCheckpoint`` of ``trainer`` that has no ``dirpath`` the fixed folder
+    ``<default_root_dir>/checkpoints`` (resolved as ``ModelCheckpoint`` resolves its own); return those changed.
+
+    Lightning resolves a missing ``dirpath`` only in ``setup``, to the first logger's ``version_N`` folder,
+    which is after ``ckpt_path="last"`` has been looked up and differs between a run and its restart.
+    """
+    folder = os.path.join(trainer.default_root_dir, CHECKPOINT_FOLDER)
+    changed = []
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+            local = _is_local_file_protocol(folder)
+            callback._fs = get_filesystem(folder)  # as ModelCheckpoint.__init__ sets it for a given dirpath
+            callback.dirpath = os.path.realpath(os.path.expanduser(folder)) if local else folder
+            changed.append(callback)
+    return changed
 
 
 class MG3DCLI(LightningCLI):
     """LightningCLI with mg3d's model, DataModule and defaults."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # One seed drives data order, phantoms and model init; sampling uses seed + rank (GRPOModule).
+        # One seed drives the run: the tiny policy's init (unless policy.seed is set) and sampling (seed + rank),
+        # and the data order and augmentation (seed + rank). The phantoms keep their own synthetic.seed, so
+        # runs with different seeds train on the same benchmark.
         parser.link_arguments("seed_everything", "model.sampling_seed")
+        parser.link_arguments("seed_everything", "data.seed")
         parser.set_defaults(
             {
                 "trainer.logger": [
-                    # CSV first: its folder is trainer.log_dir (summaries, completions, checkpoints go there).
+                    # CSV first: its folder is trainer.log_dir (summaries, completions, skipped.json go there;
+                    # checkpoints go to <default_root_dir>/checkpoints, see fix_checkpoint_dirs).
                     {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
                     {
                         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
@@ -49,19 +83,58 @@ class MG3DCLI(LightningCLI):
             }
         )
 
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI's merge of the hyper-parameters saved in an explicit ``--ckpt_path`` file, but read with
+        :func:`mg3d.grounder.load_checkpoint_safely` (globals listed before unpickling, weights-only whatever
+        torch's default): a crafted, foreign or truncated file stops the run with a ``ConfigError`` naming it."""
+        from mg3d.grounder import load_checkpoint_safely
+
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():  # "last", "best", … are resolved by the Trainer
+            return
+        hparams = dict(load_checkpoint_safely(ckpt_path).get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        try:
+            self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+        except SystemExit:
+            sys.stderr.write(f"Parsing of the hyper-parameters saved in {ckpt_path} failed!\n")
+            raise
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         # Atomic, weights-only checkpoint IO (mg3d.checkpointing) unless the run already names a CheckpointIO;
         # added here rather than as a `trainer.plugins` default so that `--trainer.plugins=…` keeps it.
         config = self._get(self.config_init, "trainer", default={})
         plugins = kwargs.get("plugins", config.get("plugins"))
         kwargs["plugins"] = with_atomic_checkpoint_io(plugins, kwargs.get("strategy", config.get("strategy")))
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        fix_checkpoint_dirs(trainer)
+        return trainer
+
+
+# Lightning warnings that every mg3d run would print and that ask nothing of the user: mg3d overrides
+# transfer_batch_to_device on purpose (samples stay on the CPU until the prompter builds model inputs); its
+# checkpoints hold the post-step state on purpose (resume continues after the saved step); the pytree notice is
+# about Lightning's own use of a torch API.
+_EXPECTED_WARNINGS = (
+    r"You have overridden `transfer_batch_to_device` in `LightningModule` but have passed in a",
+    r"Using ModelCheckpoint with manual optimization and every_n_train_steps",
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+)
 
 
 def main(args: list[str] | None = None, run: bool = True) -> MG3DCLI:
     # Keep Hugging Face offline: every model and tokenizer mg3d loads is a local folder or built in memory.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    for message in _EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
     return MG3DCLI(
         GRPOModule,
         GroundingDataModule,

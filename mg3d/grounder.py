@@ -24,6 +24,7 @@ import importlib
 import json
 import os
 import pickle
+import re
 import warnings
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -36,6 +37,7 @@ import torch
 
 import mg3d
 from mg3d.boxes import clip_boxes, voxel_to_world
+from mg3d.data.readers import read_sitk_header
 from mg3d.data.records import GroundingRecord, record_from_dict
 from mg3d.data.transforms import Pipeline, PipelineConfig, build_pipeline, record_to_item
 from mg3d.errors import ConfigError, DataError, Mg3dError
@@ -178,12 +180,12 @@ def probe_image(path: str | os.PathLike[str]) -> ImageInfo:
     name = p.name.lower()
     try:
         if p.is_dir():
-            return _probe_sitk(p, series=True)
+            return _probe_sitk(p)
         if name.endswith((".nii", ".nii.gz")):
             header, _ = read_nifti(p, verify=False)
             return ImageInfo(3, tuple(header.spatial_shape), True)
         if name.endswith((".mhd", ".mha", ".nrrd", ".nhdr")):
-            return _probe_sitk(p, series=False)
+            return _probe_sitk(p)
         if name.endswith(".npy"):
             shape, _ = read_npy_header(p)
             if len(shape) in (3, 4) and shape[0] == 1:
@@ -199,37 +201,17 @@ def probe_image(path: str | os.PathLike[str]) -> ImageInfo:
         raise DataError(f"cannot use {p} as an input image: {err}") from None
 
 
-def _probe_sitk(path: Path, *, series: bool) -> ImageInfo:
-    import SimpleITK as sitk
-
-    try:
-        if series:
-            ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
-            if len(ids) != 1:
-                raise DataError(
-                    f"{path}: a folder input must hold exactly one DICOM series, found {len(ids)}"
-                )
-            files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), ids[0])
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(files[0])
-            reader.ReadImageInformation()
-            x, y = (int(s) for s in reader.GetSize()[:2])
-            size = (x, y, len(files))
-        else:
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(str(path))
-            reader.ReadImageInformation()
-            size = tuple(int(s) for s in reader.GetSize())
-    except RuntimeError as err:
-        raise DataError(
-            f"{path}: SimpleITK cannot read the header: {str(err).strip().splitlines()[-1]}"
-        ) from None
+def _probe_sitk(path: Path) -> ImageInfo:
+    size, _dtype = read_sitk_header(path)  # headers only; refuses a claim above the voxel limit
     if len(size) not in (2, 3):
         raise DataError(f"{path}: {len(size)}D image; mg3d reads 2D images and 3D volumes")
     return ImageInfo(len(size), size, len(size) == 3)
 
 
 # ---------------------------------------------------------------------------------------------- safe checkpoints
+
+# Weight files that are pickles (torch.save / legacy formats), named in refusals.
+_PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 def _config_dataclass(name: str) -> type | None:
@@ -247,6 +229,17 @@ def _config_dataclass(name: str) -> type | None:
     if any(k in vars(obj) for k in ("__setstate__", "__reduce__", "__reduce_ex__", "__getattr__")):
         return None
     return obj
+
+
+def _unpickler_reason(err: BaseException) -> str:
+    """The informative part of torch's weights-only refusal (which global it met), not its advice paragraphs."""
+    for line in str(err).splitlines():
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", line)
+        if found:
+            return f"it references {found.group(1)}, which is not allowed"
+        if "WeightsUnpickler error" in line:
+            return line.split("WeightsUnpickler error:", 1)[-1].strip()[:200]
+    return f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}"
 
 
 def load_checkpoint_safely(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -286,10 +279,9 @@ def load_checkpoint_safely(path: str | os.PathLike[str]) -> dict[str, Any]:
             with torch.serialization.safe_globals(allowed):
                 checkpoint = torch.load(str(p), weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         raise ConfigError(
-            f"{p}: refused by the safe (weights-only) loader: {first[:300]}. mg3d never unpickles arbitrary "
-            "objects; export the model with save_pretrained (safetensors) instead."
+            f"{p}: refused by the safe (weights-only) loader ({_unpickler_reason(err)}). mg3d never unpickles "
+            "arbitrary objects; export the model with save_pretrained (safetensors) instead."
         ) from None
     except (RuntimeError, OSError, EOFError, ValueError) as err:
         raise ConfigError(f"{p}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from None
@@ -594,12 +586,21 @@ class Grounder:
         folder = Path(model_dir).expanduser()
         settings = _read_inference_config(folder) if folder.is_dir() else {}
         where = str(folder / INFERENCE_CONFIG_NAME)
-        policy = load_policy(
-            folder,
-            dtype=overrides.get("dtype") or settings.get("dtype") or "auto",
-            attn_implementation=overrides.get("attn_implementation"),
-            codec_name=settings.get("codec"),
-        )
+        try:
+            policy = load_policy(
+                folder,
+                dtype=overrides.get("dtype") or settings.get("dtype") or "auto",
+                attn_implementation=overrides.get("attn_implementation"),
+                codec_name=settings.get("codec"),
+            )
+        except pickle.UnpicklingError as err:
+            # transformers reads a .bin weights-only and raises torch's long message: say which file and why
+            pickled = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in _PICKLED_WEIGHTS)
+            raise ConfigError(
+                f"{folder}: refused — {', '.join(pickled) or 'a weights file'} cannot be loaded weights-only "
+                f"({_unpickler_reason(err)}); mg3d never unpickles model files. Export the model as safetensors "
+                "(Grounder.save_pretrained)."
+            ) from None
         prompt = _prompt_from(settings.get("prompt") or {}, f"{where}: 'prompt'")
         if overrides.get("prompt") is not None:
             prompt = _prompt_from(overrides["prompt"], "override 'prompt'", base=prompt)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import pickle
+import tracemalloc
 from dataclasses import replace
 from pathlib import Path
 
@@ -288,6 +290,45 @@ def test_missing_image_names_the_record(grounder, records) -> None:
         grounder.predict_image("/nonexistent/ct.nii.gz", "x")
     with pytest.raises(DataError, match="phrase is empty"):
         grounder.predict_image(records[0].image, "  ")
+
+
+def nifti_claiming(path: Path, shape: tuple[int, ...]) -> Path:
+    """A gzipped float32 NIfTI whose header claims ``shape`` but which holds almost no voxel data."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(np.float32)
+    header.set_zooms((1.0,) * len(shape))
+    header.set_qform(np.eye(4), code=1)
+    header["vox_offset"] = 352
+    with gzip.open(path, "wb") as handle:
+        handle.write(header.binaryblock + b"\0" * 68)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("shape", "reason"),
+    [((4000, 4000, 4000), r"header claims 64,000,000,000 voxels"),  # above the voxel limit
+     ((1000, 1000, 1000), r"truncated: header promises 4,000,000,352 bytes")],  # under it, but no data
+)  # fmt: skip
+def test_enormous_nifti_header_is_refused_without_allocating(records, tmp_path: Path, shape, reason) -> None:
+    """The inference path (records whose file was swapped, records that agree with the header, a bare image)
+    refuses a NIfTI whose header claims a huge volume before anything is allocated (nibabel would allocate the
+    claimed 4-256 GB first)."""
+    grounder = make_grounder(POLICY.build())  # untrained: the refusal comes before the model
+    path = nifti_claiming(tmp_path / "huge.nii.gz", shape)
+    swapped = replace(records[0], id="swapped/1", image=str(path))  # the manifest still says 32×32×8
+    agreeing = replace(records[0], id="agreeing/1", image=str(path), spatial_shape=shape)
+    tracemalloc.start()
+    try:
+        for record in (swapped, agreeing):
+            with pytest.raises(DataError, match=rf"record '{record.id}'.*huge\.nii\.gz.*{reason}"):
+                list(grounder.predict_records([record], progress=False))
+        with pytest.raises(DataError, match=rf"huge\.nii\.gz.*{reason}"):
+            grounder.predict_image(path, "the lesion")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 * 2**20, f"peak traced allocation {peak / 2**20:.1f} MB"
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints

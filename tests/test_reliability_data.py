@@ -251,8 +251,8 @@ def _cxr_breakers(ok_row: dict[str, str], ok_image: Path) -> list[tuple[str, str
         ("split_unknown", "prepare", "bad_row", ("jpg", lambda p: (image_copy(p), {"split": "holdout"})[1])),
         ("image_missing", "prepare", "missing_file", ("jpg", lambda p: None)),
         ("row_missing_fields", "prepare", "bad_row", ("jpg", lambda p: (image_copy(p), {"__cells__": 6})[1])),
-        # the shifted row points at a path that is not there (the CSV reader does not count fields)
-        ("row_extra_fields", "prepare", "missing_file",
+        # an unquoted comma in the phrase: one cell more than the header, every later column shifted
+        ("row_extra_fields", "prepare", "bad_row",
          ("jpg", lambda p: (image_copy(p), {"__shift__": "opacity, left"})[1])),
     ]  # fmt: skip
 
@@ -451,11 +451,9 @@ def test_huge_headers_are_refused_without_allocating(corpus):
     assert peak < 32 * 2**20, f"peak traced allocation {peak / 2**20:.1f} MB"
 
 
-@pytest.mark.xfail(
-    strict=True, reason="read_csv_rows ignores cells beyond the header (mg3d/data/sources/_common.py)"
-)
 def test_m3d_row_with_extra_fields_is_reported(corpus, tmp_path):
-    """An unquoted comma in the last column adds a field; the row is read with the cell silently dropped."""
+    """An unquoted comma in the last column adds a cell: the row is refused (naming file and line), never read
+    with the cell dropped; ``on_error="raise"`` stops at it."""
     csv_path = tmp_path / "extra.csv"
     lines = corpus.ct_csv.read_text(encoding="utf-8").splitlines()[: N_CT + 1]
     lines.append("s0001/ct.nii.gz,s0001/mask.nii.gz,1,1,where is it,Sure, it is [SEG].")
@@ -463,8 +461,13 @@ def test_m3d_row_with_extra_fields_is_reported(corpus, tmp_path):
     from mg3d.data.sources import M3DRefSegSource
 
     source = M3DRefSegSource(corpus.ct_root, all_csv=csv_path, on_error="skip", test_fraction=0.0)
-    list(source)
+    records = list(source)
+    assert len(records) == N_CT  # every valid row is kept
     assert [s.kind for s in source.skips.items] == ["bad_row"]
+    assert f"extra.csv:{N_CT + 2}: the row has 7 cells, the header 6" in source.skips.items[0].reason
+    strict = M3DRefSegSource(corpus.ct_root, all_csv=csv_path, on_error="raise", test_fraction=0.0)
+    with pytest.raises(DataError, match=rf"extra\.csv:{N_CT + 2}: the row has 7 cells"):
+        list(strict)
 
 
 # ---------------------------------------------------------------------------------------------- fit

@@ -6,9 +6,11 @@ Also the unit behaviour of :mod:`mg3d.checkpointing`: atomic writes, stale tempo
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -66,10 +68,10 @@ def test_failed_save_keeps_previous_file(tmp_path):
 def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    mine = temporary_path(tmp_path / "last.ckpt")
-    stale = tmp_path / mine.name.replace(f"-{os.getpid()}.tmp", f"-{dead.pid}.tmp")
-    other_host = tmp_path / f".last.ckpt.otherhost-{dead.pid}.tmp"
-    live = tmp_path / mine.name.replace(f"-{os.getpid()}.tmp", f"-{os.getppid()}.tmp")
+    target = tmp_path / "last.ckpt"
+    mine, stale = temporary_path(target), temporary_path(target, pid=dead.pid)
+    other_host = temporary_path(target, pid=dead.pid, host="other-host-7")
+    live = temporary_path(target, pid=os.getppid())
     for p in (mine, stale, other_host, live):
         p.write_bytes(b"partial")
     assert remove_stale_temporaries(tmp_path) == [stale]
@@ -93,17 +95,62 @@ def test_plugin_is_added_once_and_steps_aside_for_other_checkpoint_io():
     assert [type(p) for p in with_atomic_checkpoint_io("bf16-mixed")] == [str, AtomicCheckpointIO]
 
 
-def test_cli_trainer_uses_atomic_checkpoint_io(tmp_path):
+def test_cli_trainer_uses_atomic_checkpoint_io_and_a_fixed_checkpoint_folder(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
     from mg3d.cli import main
 
     source = {"path": str(tmp_path / "none"), "pipeline": {"spatial_size": [28, 28, 8]}}
+    own = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+           "init_args": {"dirpath": str(tmp_path / "mine"), "filename": "best"}}  # fmt: skip
     cli = main(
-        ["--config", str(ROOT / "configs" / "demo.yaml"), "--trainer.logger=false",
-         f"--trainer.default_root_dir={tmp_path}", f"--data.sources=[{json.dumps(source)}]",
-         "--model.policy.num_layers=1"],
+        ["--config", str(ROOT / "configs" / "demo.yaml"), f"--trainer.default_root_dir={tmp_path / 'run'}",
+         f"--data.sources=[{json.dumps(source)}]", "--model.policy.num_layers=1", f"--trainer.callbacks+={json.dumps(own)}"],
         run=False,
     )  # fmt: skip
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    folders = sorted(str(cb.dirpath) for cb in cli.trainer.callbacks if isinstance(cb, ModelCheckpoint))
+    # the default checkpoint gets the run's fixed folder (not the logger's version_N); a given dirpath is kept
+    assert folders == [str(tmp_path / "mine"), str(tmp_path / "run" / "checkpoints")]
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_restarted_run_resumes_with_ckpt_path_last(phantoms, tmp_path):
+    """Two invocations of ``scripts/train.py`` with the default checkpoint callback and the default loggers (whose
+    ``version_N`` folder differs between the two): the second, given ``--ckpt_path last``, finds the first's
+    ``last.ckpt`` in ``<default_root_dir>/checkpoints`` and continues from its step."""
+    source = {"path": str(phantoms), "pipeline": {"spatial_size": [28, 28, 8]}}
+
+    def run(max_steps: int, *extra: str) -> subprocess.CompletedProcess[str]:
+        cmd = [
+            sys.executable, str(ROOT / "scripts" / "train.py"), "fit", "--config", str(ROOT / "configs" / "demo.yaml"),
+            f"--trainer.max_steps={max_steps}", "--trainer.callbacks.every_n_train_steps=2",
+            "--trainer.log_every_n_steps=1",
+            "--model.warm_start.steps=2", "--model.steps_per_generation=1", "--model.rollout.num_generations=2",
+            "--model.rollout.max_new_tokens=12", "--model.prompt.max_vision_tokens=32",
+            "--model.evaluation.enabled=false", "--model.log_completions_every_n_steps=0",
+            f"--data.sources=[{json.dumps(source)}]", "--data.batch_size=2", *extra,
+        ]  # fmt: skip
+        done = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    last = tmp_path / "runs" / "demo" / "checkpoints" / "last.ckpt"  # demo.yaml: default_root_dir runs/demo
+    run(4)
+    assert _load(last)["global_step"] == 4
+    second = run(6, "--ckpt_path", "last")
+    assert f"Restoring states from the checkpoint path at {last}" in second.stdout + second.stderr
+    assert _load(last)["global_step"] == 6
+    versions = sorted(p.name for p in (tmp_path / "runs" / "lightning_logs").iterdir())
+    assert versions == ["version_0", "version_1"]  # where Lightning's default dirpath would have looked
+    with (tmp_path / "runs" / "lightning_logs" / "version_1" / "metrics.csv").open(
+        encoding="utf-8"
+    ) as handle:
+        rows = list(csv.DictReader(handle))
+    steps = {int(r["step"]) for r in rows if r.get("step")}
+    assert steps and min(steps) >= 4, f"the restarted run logged steps {sorted(steps)}"
+    assert not any(r.get("sft/loss") for r in rows), "the restarted run repeated the warm start"
 
 
 # ---------------------------------------------------------------------------------------------- kill and resume
@@ -114,8 +161,14 @@ def phantoms(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("resume") / "ct3d"
     source = SourceConfig(
         path=str(folder),
-        synthetic=SyntheticConfig(kind="ct3d", n=16, seed=3, val_fraction=0.25, questions_per_region=[1, 0],
-                                  options={"shape": [32, 32, 16], "single_lesion": True}),
+        synthetic=SyntheticConfig(
+            kind="ct3d",
+            n=16,
+            seed=3,
+            val_fraction=0.25,
+            questions_per_region=[1, 0],
+            options={"shape": [32, 32, 16], "single_lesion": True},
+        ),
         pipeline=PipelineConfig(spatial_size=(28, 28, 8)),
     )
     GroundingDataModule([source]).prepare_data()
@@ -176,6 +229,16 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.wait(timeout=60)
 
 
+def _saved_step(folder: Path) -> int:
+    """The newest step whose checkpoint is complete (``epoch=E-step=S.ckpt``, renamed into place), or -1."""
+    try:
+        names = [e.name for e in os.scandir(folder)]
+    except FileNotFoundError:
+        return -1
+    steps = [int(m.group(1)) for n in names if (m := re.fullmatch(r"epoch=\d+-step=(\d+)\.ckpt", n))]
+    return max(steps, default=-1)
+
+
 def _load(path: Path) -> dict:
     return load_checkpoint_safely(path)  # torch.load(weights_only=True), mg3d's allow-list
 
@@ -201,44 +264,51 @@ def test_sigkill_mid_write_and_at_random_moment_then_resume_matches_uninterrupte
         path = next(ref_dir.glob(f"*-step={step}.ckpt"))
         weights = _load(path)["state_dict"]
         if previous is not None:
-            assert any(not torch.equal(weights[k], previous[k]) for k in weights), f"step {step} changed nothing"
+            assert any(not torch.equal(weights[k], previous[k]) for k in weights), (
+                f"step {step} changed nothing"
+            )
         previous = weights
         path.unlink()
 
-    # 2. killed as soon as a checkpoint write is under way (after a first complete checkpoint), up to 3 tries
+    # 2. killed during the checkpoint write of a seeded step (in the warm start or the GRPO phase), up to 3 tries
     run_dir = tmp_path / "killed"
     ckpt_dir = run_dir / "ckpt"
+    target = rng.randint(2, 6)
     mid_write_kills = 0
     for attempt in range(3):
         proc = _start(_command(phantoms, ckpt_dir, resume=attempt > 0), run_dir, log)
         before = set(_temporaries(ckpt_dir))
 
         def writing(before=before) -> bool:
-            return (ckpt_dir / "last.ckpt").exists() and bool(set(_temporaries(ckpt_dir)) - before)
+            return _saved_step(ckpt_dir) >= target - 1 and bool(set(_temporaries(ckpt_dir)) - before)
 
         reached = _wait(proc, writing)
         _kill(proc)
-        assert reached, f"run ended before a checkpoint write could be interrupted:\n{log.read_text(encoding='utf-8')[-3000:]}"
+        assert reached, (
+            f"run ended before step {target} was written:\n{log.read_text(encoding='utf-8')[-3000:]}"
+        )
         left = set(_temporaries(ckpt_dir))
         if left - before:
             mid_write_kills += 1
+            interrupted = sorted(left - before)
             break
     assert mid_write_kills == 1, "never killed during a checkpoint write"
     # what a resume would load is complete; the partial write is only a hidden temporary
     killed_at = _load(ckpt_dir / "last.ckpt")["global_step"]
-    assert 1 <= killed_at < MAX_STEPS
+    # each step writes epoch=…-step=S.ckpt, then last.ckpt: the kill hit one of the two writes of step ≥ target - 1
+    assert target - 2 <= killed_at < MAX_STEPS
     for ckpt in ckpt_dir.glob("*.ckpt"):
         _load(ckpt)
 
-    # 3. resumed, then killed at a seeded random moment after its first new checkpoint
+    # 3. resumed, then killed at a seeded random moment: a random delay after a seeded later step was saved
+    second_target = rng.randint(killed_at + 1, MAX_STEPS - 2)
     proc = _start(_command(phantoms, ckpt_dir, resume=True), run_dir, log)
-    first_mtime = (ckpt_dir / "last.ckpt").stat().st_mtime_ns
-    reached = _wait(proc, lambda: (ckpt_dir / "last.ckpt").stat().st_mtime_ns != first_mtime, poll=0.005)
+    reached = _wait(proc, lambda: _saved_step(ckpt_dir) >= second_target, poll=0.002)
     assert reached, log.read_text(encoding="utf-8")[-3000:]
-    time.sleep(rng.uniform(0.0, 0.5))
+    time.sleep(rng.uniform(0.0, 0.4))
     _kill(proc)
     second = _load(ckpt_dir / "last.ckpt")["global_step"]
-    assert killed_at < second <= MAX_STEPS
+    assert killed_at < second < MAX_STEPS
 
     # 4. resumed to the end
     final = subprocess.run(_command(phantoms, ckpt_dir, resume=True), cwd=run_dir, env=ENV, capture_output=True,
@@ -255,4 +325,7 @@ def test_sigkill_mid_write_and_at_random_moment_then_resume_matches_uninterrupte
             for name, value in state.items():
                 torch.testing.assert_close(res_opt["state"][pid][name], value, rtol=0, atol=0)
     assert torch.equal(resumed["mg3d_sampling_rng"], reference["mg3d_sampling_rng"])
-    print(f"killed mid-write at step {killed_at} (attempt {attempt + 1}), then at step {second}; resumed to {MAX_STEPS}")
+    print(
+        f"killed while writing {interrupted} (last.ckpt at step {killed_at}, attempt {attempt + 1}), "
+        f"then after step {second}; resumed to {MAX_STEPS}"
+    )

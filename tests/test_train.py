@@ -90,25 +90,73 @@ def test_format_summary_table():
     assert "+0.050" in table
 
 
+# The tiny policy writes completions of about 10 characters: rewarding "at most 10" (plus IoU) gives groups a
+# reward spread (with G = 8, in every group of every step here), so the weights depend on the batch each step saw.
+SPREAD_REWARDS = {
+    "iou": 1.0,
+    "format": {"mode": "lenient", "sanity_weight": 1.0, "min_think_chars": 0, "max_chars": 10},
+}
+
+
+class _RecordBatches(pl.Callback):
+    """The record ids of every training batch, in order (what a replayed or skipped batch would change)."""
+
+    def __init__(self) -> None:
+        self.ids: list[list[str]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.ids.append([sample["id"] for sample in batch])
+
+
 @pytest.mark.slow
-def test_exact_resume_matches_uninterrupted_run(phantom_source, tmp_path):
-    """Stop after 4 steps (warm start done, inside GRPO), resume from the checkpoint: same weights at step 7."""
-    pl.seed_everything(0)
-    full = make_module(steps_per_generation=1)
-    trainer(tmp_path / "full", 7).fit(full, make_datamodule(phantom_source))
-    reference = weights(full)
+def test_exact_resume_matches_uninterrupted_run(phantom_source, tmp_path, monkeypatch):
+    """Stop after 4 steps (warm start done, inside GRPO), resume from the checkpoint: the resumed run sees
+    exactly the batches the uninterrupted run saw at steps 5-7 (across an epoch boundary: 12 records, batch 2)
+    and ends with the same weights. Every GRPO step has a reward spread, so the weights depend on the batch."""
+    import mg3d.grpo.module as module_mod
+
+    spreads: list[float] = []
+    real_advantages = module_mod.group_advantages
+
+    def recording(*args, **kwargs):
+        out = real_advantages(*args, **kwargs)
+        spreads.append(float(out.frac_reward_zero_std))
+        return out
+
+    monkeypatch.setattr(module_mod, "group_advantages", recording)
+    settings = dict(
+        steps_per_generation=1,
+        rewards=SPREAD_REWARDS,
+        rollout=RolloutConfig(num_generations=8, max_new_tokens=12),
+    )
 
     pl.seed_everything(0)
-    first = make_module(steps_per_generation=1)
+    full = make_module(**settings)
+    seen_full = _RecordBatches()
+    trainer(tmp_path / "full", 7, callbacks=[seen_full]).fit(full, make_datamodule(phantom_source))
+    reference = weights(full)
+    assert len(seen_full.ids) == 7 and len(spreads) == 5  # 2 warm-start steps, 5 GRPO steps
+    assert all(s < 1.0 for s in spreads), f"a GRPO step had no reward spread in any group: {spreads}"
+    # a replayed (step 4's) or skipped (step 6's) batch in place of step 5's would show in the ids
+    assert seen_full.ids[3] != seen_full.ids[4] != seen_full.ids[5]
+
+    pl.seed_everything(0)
+    first = make_module(**settings)
+    seen_first = _RecordBatches()
     ckpt_cb = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
-    trainer(tmp_path / "a", 4, callbacks=[ckpt_cb], enable_checkpointing=True).fit(
+    trainer(tmp_path / "a", 4, callbacks=[ckpt_cb, seen_first], enable_checkpointing=True).fit(
         first, make_datamodule(phantom_source)
     )
+    assert seen_first.ids == seen_full.ids[:4]
     ckpt = next((tmp_path / "ckpt").glob("*step=4*.ckpt"))
     pl.seed_everything(123)  # a resumed run must not depend on the global seed at restart
-    resumed = make_module(steps_per_generation=1)
-    trainer(tmp_path / "b", 7).fit(resumed, make_datamodule(phantom_source), ckpt_path=str(ckpt))
+    resumed = make_module(**settings)
+    seen_resumed = _RecordBatches()
+    trainer(tmp_path / "b", 7, callbacks=[seen_resumed]).fit(
+        resumed, make_datamodule(phantom_source), ckpt_path=str(ckpt)
+    )
     assert resumed.grpo_phase_started
+    assert seen_resumed.ids == seen_full.ids[4:], "the resumed run did not continue at the next batch"
     for key, value in reference.items():
         torch.testing.assert_close(
             weights(resumed)[key], value, rtol=0, atol=0, msg=f"{key} differs after resume"

@@ -27,13 +27,14 @@ from monai.transforms import (
 from PIL import Image
 
 from mg3d.boxes import CoordinateFrame, clip_boxes, mask_to_box
-from mg3d.data.readers import SimpleITKReader
+from mg3d.data.readers import SimpleITKReader, read_spatial_header
 from mg3d.data.records import GroundingRecord, MaskRef
 from mg3d.data.transforms import (
     FRAME,
     IMAGE,
     MASK,
     AugmentConfig,
+    CheckHeaderd,
     FitToGridd,
     ForegroundCropd,
     PipelineConfig,
@@ -638,6 +639,38 @@ def test_simpleitk_reader_dicom_series_nrrd_mhd_agree_with_nifti(tmp_path):
     np.testing.assert_allclose(
         mask_to_box(samples[0]["image"][0].numpy() > 0.99), samples[0]["target_boxes"][0]
     )
+
+
+def test_headers_are_checked_before_decoding_for_every_volume_format(tmp_path):
+    """``CheckHeaderd`` opens every pipeline: shapes come from headers that agree with the loader, and a header
+    claiming an enormous volume, complex voxels or another shape is refused, naming the record, before anything is decoded."""
+    vol_kji = np.zeros((8, 14, 12), np.int16)
+    img = write_dicom_series(tmp_path / "series", vol_kji, (0.7, 0.8, 2.5), (0.0, 0.0, 0.0))
+    sitk.WriteImage(img, str(tmp_path / "v.nrrd"))
+    sitk.WriteImage(img, str(tmp_path / "v.mhd"))
+    nib.save(nib.Nifti1Image(vol_kji.T.copy(), np.eye(4)), tmp_path / "v.nii.gz")
+    np.save(tmp_path / "v.npy", vol_kji.T[None].copy())
+    for name in ("series", "v.nrrd", "v.mhd", "v.nii.gz", "v.npy"):
+        assert read_spatial_header(tmp_path / name, 3)[0] == (12, 14, 8), name
+    assert isinstance(build_pipeline(PipelineConfig(), 3).deterministic.transforms[0], CheckHeaderd)
+
+    def item(name: str) -> dict:
+        rec = GroundingRecord(id=f"x/{name}", dataset="x", split="test", modality="CT", ndim=3, text="t",
+                              image=str(tmp_path / name), boxes=((1, 1, 1, 4, 4, 4),), spatial_shape=(12, 14, 8),
+                              spacing=(0.7, 0.8, 2.5))  # fmt: skip
+        return record_to_item(rec)
+
+    pipeline = build_pipeline(PipelineConfig(spatial_size=(12, 14, 8)), 3)
+    header = (tmp_path / "v.mhd").read_text(encoding="ascii")
+    (tmp_path / "huge.mhd").write_text(header.replace("DimSize = 12 14 8", "DimSize = 20000 20000 10000"))
+    with pytest.raises(DataError, match=r"record 'x/huge\.mhd'.*header claims 4,000,000,000,000 voxels"):
+        pipeline(item("huge.mhd"))
+    sitk.WriteImage(sitk.Cast(img, sitk.sitkComplexFloat32), str(tmp_path / "c.nrrd"))
+    with pytest.raises(DataError, match=r"record 'x/c\.nrrd'.*stores complex64 voxels"):
+        pipeline(item("c.nrrd"))
+    sitk.WriteImage(img[:, :, :4], str(tmp_path / "v.nrrd"))  # replaced by a smaller volume after preparation
+    with pytest.raises(DataError, match=r"v\.nrrd has spatial shape \(12, 14, 4\) in its header"):
+        pipeline(item("v.nrrd"))
 
 
 def test_simpleitk_reader_errors(tmp_path):

@@ -44,7 +44,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
-import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
 from monai.transforms import MapTransform
@@ -53,6 +52,7 @@ from torch.utils.data import ConcatDataset, Sampler, Subset
 from mg3d.data.records import SPLITS, GroundingRecord, read_manifest
 from mg3d.data.transforms import (
     AugmentConfig,
+    CheckHeaderd,
     LoadRecordd,
     Mg3dCompose,
     PipelineConfig,
@@ -208,59 +208,6 @@ class ResumableWeightedSampler(Sampler[int]):
         return self.num_samples
 
 
-def _header(path: Path, ndim: int, what: str) -> tuple[tuple[int, ...], np.dtype | None] | None:
-    """Spatial shape and dtype from a file's header, nothing decoded; ``None`` for formats read otherwise
-    (DICOM series folders, MetaImage/NRRD)."""
-    from mg3d.data.sources._common import read_image_header_2d, read_nifti, read_npy_header
-
-    name = path.name.lower()
-    if name.endswith((".nii", ".nii.gz")):
-        header, img = read_nifti(path, verify=False, what=what)
-        return tuple(header.spatial_shape), img.header.get_data_dtype()
-    if name.endswith(".npy"):
-        shape, dtype = read_npy_header(path, what=what)
-        return (shape[1:] if len(shape) == ndim + 1 and shape[0] == 1 else shape), dtype
-    if ndim == 2 and path.is_file():
-        return tuple(read_image_header_2d(path, verify=False).spatial_shape), None
-    return None
-
-
-class CheckHeaderd(MapTransform):
-    """Check each file's header against its record before anything is decoded.
-
-    A file replaced or corrupted after ``prepare_data`` could claim an enormous volume (nibabel allocates what
-    the header claims before it finds the data missing: 16 GB for a 2000×2000×1000 float header), hold complex
-    or structured voxels (cast silently to real numbers by the readers) or have another shape; each is refused
-    here, naming the record, at the cost of one header read.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(["image", "mask"], allow_missing_keys=True)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> Mapping[Hashable, Any]:
-        rid, ndim = data.get("id"), int(data["ndim"])
-        expected = tuple(int(v) for v in data["spatial_shape"])
-        for key in self.key_iterator(dict(data)):
-            value = data[key]
-            if not isinstance(value, (str, Path)):
-                continue
-            try:
-                found = _header(Path(value), ndim, key)
-            except DataError as err:
-                raise DataError(f"record {rid!r}: {err}") from err
-            if found is None:
-                continue
-            shape, dtype = found
-            if dtype is not None and dtype.kind not in "biuf":
-                raise DataError(f"record {rid!r}: {key} {value} stores {dtype} voxels; expected real numbers")
-            if shape != expected:
-                raise DataError(
-                    f"record {rid!r}: {key} {value} has spatial shape {list(shape)} in its header, the record "
-                    f"says {list(expected)} (changed since the manifest was written?)"
-                )
-        return data
-
-
 class RequireFinited(MapTransform):
     """Refuse an image with NaN/Inf voxels: as stored (``where="as stored"``, before an intensity window clips
     an Inf into a plausible value) or after preprocessing (a normalisation of a constant image divides by zero).
@@ -403,11 +350,12 @@ class GroundingDataModule(L.LightningDataModule):
         pipeline = build_pipeline(source.pipeline, ndim, train=split == "train")
         # distinct augmentation streams per rank and per part; workers are reseeded by MONAI's DataLoader
         pipeline.set_random_state(self.seed + 1_000_003 * self.rank + 10 * index + ndim)
-        # flat, so that CacheDataset sees non-random transforms only (a nested Compose counts as random)
+        # flat, so that CacheDataset sees non-random transforms only (a nested Compose counts as random);
+        # the pipeline starts with CheckHeaderd (headers checked before anything is decoded)
         steps = list(pipeline.deterministic.transforms)
         loaded = next((i + 1 for i, t in enumerate(steps) if isinstance(t, LoadRecordd)), 0)
         steps[loaded:loaded] = [RequireFinited("as stored")]
-        deterministic = Mg3dCompose([CheckHeaderd(), *steps, RequireFinited()])
+        deterministic = Mg3dCompose([*steps, RequireFinited()])
         if self.cache == "memory":
             # Filled item by item by _check_items (threads as before), so a bad item is attributed and skippable.
             base: Dataset = CacheDataset(items, deterministic, num_workers=self.cache_workers, progress=False,

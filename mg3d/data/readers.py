@@ -1,4 +1,8 @@
-"""A MONAI ``ImageReader`` backed by SimpleITK, for DICOM series and MetaImage / NRRD volumes.
+"""A MONAI ``ImageReader`` backed by SimpleITK (DICOM series, MetaImage / NRRD), and header probes.
+
+:func:`read_spatial_header` reads what a file's header claims (spatial shape, voxel type) without decoding
+anything, for every format the pipelines load; :class:`mg3d.data.transforms.CheckHeaderd` uses it so that a
+file claiming an enormous volume is refused before a reader allocates it.
 
 Why: CT data sets often ship as DICOM series folders or ``.mhd``/``.nrrd`` files. MONAI's own
 ``ITKReader`` needs the ``itk`` package and its ``NrrdReader`` needs ``pynrrd``; mg3d depends on
@@ -12,6 +16,7 @@ world to the RAS world that ``NibabelReader`` reports (``space = RAS``).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,9 +27,15 @@ import SimpleITK as sitk
 from monai.data.image_reader import ImageReader
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
+from mg3d.data.sources._common import (
+    DEFAULT_MAX_VOXELS,
+    read_image_header_2d,
+    read_npy_header,
+    require_file,
+)
 from mg3d.errors import DataError
 
-__all__ = ["SUFFIXES", "SimpleITKReader", "is_dicom_series_dir"]
+__all__ = ["SUFFIXES", "SimpleITKReader", "is_dicom_series_dir", "read_sitk_header", "read_spatial_header"]
 
 #: File suffixes this reader claims (directories are read as DICOM series).
 SUFFIXES = (".mhd", ".mha", ".nrrd", ".nhdr")
@@ -141,3 +152,116 @@ class SimpleITKReader(ImageReader):
             if not key.startswith("ITK_"):
                 meta[key] = image.GetMetaData(key)
         return np.ascontiguousarray(array), meta
+
+
+# ---------------------------------------------------------------------------------------------- header probes
+
+_SITK_COMPLEX = {
+    "complex of 32-bit float": np.dtype(np.complex64),
+    "complex of 64-bit float": np.dtype(np.complex128),
+}
+
+
+def _check_voxels(path: Path, shape: Sequence[int], max_voxels: int) -> None:
+    total = math.prod(shape)
+    if total > max_voxels:
+        raise DataError(
+            f"{path}: header claims {total:,} voxels {list(shape)}, above the limit of {max_voxels:,}; "
+            "refusing to load it"
+        )
+
+
+# Deflate cannot compress better than about 1032:1, so a .nii.gz of n bytes holds at most ~1032·n bytes.
+_MAX_DEFLATE_RATIO = 1032
+
+
+def _check_nifti_size(path: Path, need: int) -> None:
+    """Refuse a NIfTI that cannot hold the data its header promises, from the file size alone: nibabel allocates
+    the claimed array before it reads (and finds the data missing), so a header-only file claiming a large
+    volume under the voxel limit would otherwise cost gigabytes."""
+    size = path.stat().st_size
+    if path.name.lower().endswith(".gz"):
+        if need > size * _MAX_DEFLATE_RATIO + (1 << 20):
+            raise DataError(
+                f"{path}: truncated: header promises {need:,} bytes, a gzip stream of {size:,} bytes holds at most "
+                f"~{size * _MAX_DEFLATE_RATIO:,}"
+            )
+    elif size < need:
+        raise DataError(f"{path}: truncated: header promises {need:,} bytes, file holds {size:,}")
+
+
+def read_sitk_header(
+    path: PathLike, *, max_voxels: int = DEFAULT_MAX_VOXELS
+) -> tuple[tuple[int, ...], np.dtype | None]:
+    """Size (``(i, j, k)``, MONAI's order after :class:`SimpleITKReader`'s transpose) and complex voxel type of
+    a MetaImage/NRRD file or a one-series DICOM folder, from headers only (``ReadImageInformation``).
+
+    A DICOM series is as large as its first slice's rows × columns × the number of slices.
+    """
+    p = Path(path)
+    try:
+        if p.is_dir():
+            ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(p))
+            if len(ids) != 1:
+                raise DataError(f"{p}: a volume folder must hold exactly one DICOM series, found {len(ids)}")
+            files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(p), ids[0])
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(files[0])
+            reader.ReadImageInformation()
+            size: tuple[int, ...] = (*(int(s) for s in reader.GetSize()[:2]), len(files))
+        else:
+            require_file(p, "image")
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(p))
+            reader.ReadImageInformation()
+            size = tuple(int(s) for s in reader.GetSize())
+        kind = sitk.GetPixelIDValueAsString(reader.GetPixelID())
+    except RuntimeError as err:  # SimpleITK reports every I/O failure as RuntimeError
+        raise DataError(
+            f"{p}: SimpleITK cannot read the header: {str(err).strip().splitlines()[-1]}"
+        ) from None
+    _check_voxels(p, size, max_voxels)
+    return size, _SITK_COMPLEX.get(kind)
+
+
+def read_spatial_header(
+    path: PathLike, ndim: int, what: str = "image", *, max_voxels: int = DEFAULT_MAX_VOXELS
+) -> tuple[tuple[int, ...], np.dtype | None] | None:
+    """Spatial shape and voxel dtype (``None`` when the header does not say) of an image the pipelines load,
+    from its header alone; raise :class:`DataError` naming the file when it claims more than ``max_voxels``,
+    is a NIfTI too small to hold what its header promises, or cannot be read. ``None`` for a file this does not
+    probe (a multi-frame DICOM volume: MONAI's pydicom
+    reader checks it). Singleton channel axes (NIfTI ``x×y×z×1``, ``.npy`` ``1×…``) are dropped, as the loader
+    drops them.
+    """
+    import nibabel as nib
+
+    p = Path(path)
+    name = p.name.lower()
+    need: int | None = None  # bytes a NIfTI must hold
+    if name.endswith((".nii", ".nii.gz")):
+        require_file(p, what)
+        try:
+            img = nib.load(str(p))  # reads the header; the data stay on disk behind a proxy
+            shape = tuple(int(v) for v in img.shape)
+            dtype = img.header.get_data_dtype()
+            offset = getattr(img.dataobj, "offset", None)  # the on-disk one (img.header's is reset to 0)
+            need = int(offset or 0) + math.prod(shape) * dtype.itemsize
+        except Exception as err:  # nibabel raises many types for a broken header
+            raise DataError(f"{p}: cannot read NIfTI header ({type(err).__name__}: {err})") from None
+    elif name.endswith(".npy"):
+        shape, dtype = read_npy_header(p, max_voxels=max_voxels, what=what)
+        if len(shape) == ndim + 1 and shape[0] == 1:
+            shape = shape[1:]
+    elif p.is_dir() or name.endswith(SUFFIXES):
+        shape, dtype = read_sitk_header(p, max_voxels=max_voxels)
+    elif ndim == 2:
+        return tuple(read_image_header_2d(p, verify=False).spatial_shape), None
+    else:
+        return None
+    while len(shape) > ndim and shape[-1] == 1:
+        shape = shape[:-1]
+    _check_voxels(p, shape, max_voxels)
+    if need is not None:
+        _check_nifti_size(p, need)
+    return shape, dtype

@@ -54,6 +54,7 @@ and when enabled the phrase's ``left``/``right`` words are swapped (:func:`swap_
 from __future__ import annotations
 
 import math
+import os
 import re
 import warnings
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -99,13 +100,14 @@ from mg3d.boxes import (
     respace_step,
 )
 from mg3d.data.modalities import PHOTOMETRIC_KEY, get_preset
-from mg3d.data.readers import SimpleITKReader
+from mg3d.data.readers import SimpleITKReader, read_spatial_header
 from mg3d.data.records import GroundingRecord
 from mg3d.errors import BoxError, ConfigError, DataError, Mg3dError
 
 __all__ = [
     "DISPLAY_AXCODES",
     "AugmentConfig",
+    "CheckHeaderd",
     "FitToGridd",
     "ForegroundCropd",
     "IntensityPresetd",
@@ -489,6 +491,43 @@ def _photometric(path: str) -> str | None:
         return None
     value = ds.get("PhotometricInterpretation")
     return None if value is None else str(value)
+
+
+class CheckHeaderd(MapTransform):
+    """Check each file's header against its record before anything is decoded (the first pipeline step).
+
+    A file replaced or corrupted after ``prepare_data``, or handed in for inference, could claim an enormous
+    volume (nibabel allocates what the header claims before it finds the data missing: 16 GB for a
+    2000×2000×1000 float header), hold complex or structured voxels (cast silently to real numbers by the
+    readers) or have another shape; each is refused here with a :class:`DataError` naming the record, at the
+    cost of one header read (:func:`mg3d.data.readers.read_spatial_header`).
+    """
+
+    def __init__(self, load_mask: bool = True) -> None:
+        super().__init__(list(_SPATIAL_KEYS) if load_mask else [IMAGE], allow_missing_keys=True)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> Mapping[Hashable, Any]:
+        rid, ndim = data.get("id"), int(data["ndim"])
+        expected = tuple(int(v) for v in data["spatial_shape"])
+        for key in self.key_iterator(dict(data)):
+            value = data[key]
+            if not isinstance(value, (str, os.PathLike)):
+                continue
+            try:
+                found = read_spatial_header(value, ndim, str(key))
+            except DataError as err:
+                raise DataError(f"record {rid!r}: {err}") from err
+            if found is None:
+                continue
+            shape, dtype = found
+            if dtype is not None and dtype.kind not in "biuf":
+                raise DataError(f"record {rid!r}: {key} {value} stores {dtype} voxels; expected real numbers")
+            if shape != expected:
+                raise DataError(
+                    f"record {rid!r}: {key} {value} has spatial shape {shape} in its header, the record "
+                    f"says {expected} (changed since the manifest was written?)"
+                )
+        return data
 
 
 class LoadRecordd(MapTransform):
@@ -977,7 +1016,11 @@ def build_pipeline(config: PipelineConfig, ndim: int, *, train: bool = False) ->
     aug = config.augment
     carry_mask = config.carry_mask or (train and config.use_mask and aug.rotates)
     geometry = ndim == 3 and (config.axcodes is not None or config.pixdim is not None)
-    t: list[Any] = [LoadRecordd(load_mask=carry_mask, needs_geometry=geometry), _KeepSourceText()]
+    t: list[Any] = [
+        CheckHeaderd(load_mask=carry_mask),
+        LoadRecordd(load_mask=carry_mask, needs_geometry=geometry),
+        _KeepSourceText(),
+    ]
     if ndim == 3 and config.axcodes is not None:
         orient = Orientationd(
             list(_SPATIAL_KEYS), axcodes=config.axcodes, labels=None, allow_missing_keys=True

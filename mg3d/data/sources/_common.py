@@ -9,6 +9,7 @@ as a :class:`SourceError` naming the file, never as a traceback from inside niba
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gzip
 import hashlib
 import math
@@ -30,6 +31,7 @@ from mg3d.errors import BoxError, DataError
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_MAX_VOXELS",
+    "CsvRow",
     "ImageHeader",
     "OnError",
     "Skip",
@@ -107,6 +109,7 @@ class Source:
     Subclasses fill ``self._items`` (one entry per raw input unit, e.g. a phrase group or a CSV row)
     in ``__init__`` — file-level problems (missing CSV, missing column) always raise there — and
     implement ``_item_name`` and ``_build``. ``len(source)`` is the number of raw items, for progress bars.
+    An item holding a CSV row that :func:`read_csv_rows` marked as malformed is refused before ``_build``.
     ``dataset`` overrides the class's data set name (it also prefixes record ids).
     """
 
@@ -133,6 +136,9 @@ class Source:
     def __iter__(self) -> Iterator[GroundingRecord]:
         for item in self._items:
             try:
+                problem = malformed_row(item)
+                if problem is not None:  # never build a record from a row whose columns cannot be trusted
+                    raise SourceError(str(problem), problem.kind)
                 record = self._build(item)
             except DataError as err:
                 if self.on_error == "raise":
@@ -145,13 +151,44 @@ class Source:
 # ---------------------------------------------------------------------------------------------- CSV
 
 
+class CsvRow(dict[str, str]):
+    """One CSV row by column name. ``problem`` is set when the row itself is malformed (more cells than the
+    header: an unquoted comma shifts every later column), so that :class:`Source` refuses the item built from
+    it under its ``on_error`` policy instead of reading shifted or truncated values."""
+
+    problem: SourceError | None = None
+
+
+def malformed_row(item: Any, _depth: int = 0) -> SourceError | None:
+    """The problem of the first malformed :class:`CsvRow` inside an adapter item (a row, or a dataclass, list
+    or tuple holding rows, as the adapters group them), else ``None``."""
+    if isinstance(item, CsvRow):
+        return item.problem
+    if _depth > 4:
+        return None
+    if dataclasses.is_dataclass(item) and not isinstance(item, type):
+        children: Any = (getattr(item, f.name) for f in dataclasses.fields(item))
+    elif isinstance(item, (list, tuple)):
+        children = item
+    else:
+        return None
+    for child in children:
+        problem = malformed_row(child, _depth + 1)
+        if problem is not None:
+            return problem
+    return None
+
+
 def read_csv_rows(
     path: Path, required: Sequence[str], *, rename: Callable[[list[str]], list[str]] | None = None
-) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+) -> tuple[list[str], list[tuple[int, CsvRow]]]:
     """Rows of a CSV as ``(line_number, {column: value})``; raise naming the file on a missing column.
 
     ``rename`` maps the raw header to canonical names (for headers that are malformed as published).
-    Line numbers count the header as line 1, so they match what an editor shows.
+    Line numbers count the header as line 1, so they match what an editor shows. A row with fewer cells
+    than the header reads the missing ones as ``""`` (the adapters refuse empty required values); a row with
+    *more* cells is returned marked (:attr:`CsvRow.problem`, kind ``bad_row``, naming file and line), so
+    that the adapter raises or skips it by its ``on_error`` policy.
     """
     path = Path(path)
     if not path.is_file():
@@ -170,11 +207,21 @@ def read_csv_rows(
                 raise SourceError(
                     f"{path}: CSV is missing column(s) {missing}; header is {header}", "missing_column"
                 )
-            rows = []
+            rows: list[tuple[int, CsvRow]] = []
             for raw in reader:
                 if not any(cell.strip() for cell in raw):
                     continue
-                row = {name: (raw[i].strip() if i < len(raw) else "") for i, name in enumerate(names) if name}
+                row = CsvRow(
+                    (name, raw[i].strip() if i < len(raw) else "") for i, name in enumerate(names) if name
+                )
+                if len(raw) > len(names):
+                    extra = [cell.strip() for cell in raw[len(names) :]]
+                    row.problem = SourceError(
+                        f"{path}:{reader.line_num}: the row has {len(raw)} cells, the header {len(names)} (extra "
+                        f"{extra[:3]!r}; an unquoted comma in a value?); its columns cannot be trusted, so it "
+                        "is not read",
+                        "bad_row",
+                    )
                 rows.append((reader.line_num, row))
     except UnicodeDecodeError as err:
         raise SourceError(f"{path}: CSV is not UTF-8 text ({err.reason})", "bad_csv") from None
