@@ -208,6 +208,18 @@ def test_static_and_dynamic_cache_give_the_same_tokens(policy: Policy, do_sample
         config(cache_implementation="paged")
 
 
+def test_generation_under_bf16_autocast(policy: Policy) -> None:
+    # Lightning's precision="bf16-mixed" runs the rollout under autocast: the static cache must not break it.
+    batch = video_batch(policy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rollout = generate_completions(policy, batch, config(do_sample=True))
+    assert rollout.completion_ids.shape[0] == batch["input_ids"].shape[0] * config().num_generations
+    assert (
+        int(rollout.completion_ids.min()) >= 0
+        and int(rollout.completion_ids.max()) < policy.model.get_output_embeddings().out_features
+    )
+
+
 def test_rollout_fields(policy: Policy) -> None:
     batch = video_batch(policy)
     r = generate_completions(policy, batch, config())

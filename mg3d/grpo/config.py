@@ -31,6 +31,8 @@ class PolicyConfig:
         attn_implementation: e.g. ``sdpa``, ``flash_attention_2`` (GPU), or ``None`` for the default.
         freeze_vision: keep the vision tower fixed (fewer trainable parameters; common for 7B runs).
         gradient_checkpointing: trade compute for memory on large models.
+        seed: initialisation seed of the tiny model; ``None`` (default) uses the run's seed (``GRPOModule``
+            passes its ``sampling_seed``, which the CLI links to ``seed_everything``), so seeds vary the init.
         extra_tokens: tokens added to the tiny tokenizer as single tokens (e.g. ``<answer>``), so short answers
             cost fewer decoding steps.
     """
@@ -45,14 +47,15 @@ class PolicyConfig:
     vision_depth: int = 2
     vision_hidden: int = 128
     vision_intermediate: int = 256
-    seed: int = 0
+    seed: int | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     attn_implementation: str | None = None
     freeze_vision: bool = False
     gradient_checkpointing: bool = False
     extra_tokens: list[str] = field(default_factory=lambda: ["<answer>", "</answer>"])
 
-    def build(self) -> Policy:
+    def build(self, default_seed: int = 0) -> Policy:
+        """The policy; a tiny model is initialised from ``seed``, or ``default_seed`` when ``seed`` is ``None``."""
         if self.checkpoint is not None:
             return load_policy(
                 self.checkpoint,
@@ -76,7 +79,7 @@ class PolicyConfig:
             vision_hidden=self.vision_hidden,
             vision_intermediate=self.vision_intermediate,
             extra_tokens=tuple(self.extra_tokens),
-            seed=self.seed,
+            seed=self.seed if self.seed is not None else default_seed,
             dtype=_DTYPES[self.dtype],
             attn_implementation=self.attn_implementation or "sdpa",
             freeze_vision=self.freeze_vision,

@@ -366,7 +366,9 @@ def _generate_shared(policy: Policy, inputs: dict[str, torch.Tensor], config: Ro
     positions = prompt_positions(policy, inputs)
     cache = _prefill(policy, inputs, positions, g)
     ids = inputs["input_ids"].repeat_interleave(g, dim=0)
-    if config.cache_implementation == "static":
+    # Under autocast (Lightning's bf16-mixed) decoding writes bf16 keys/values, which a float32 StaticCache
+    # refuses (index_copy_ dtype mismatch); the dynamic cache takes whatever dtype arrives.
+    if config.cache_implementation == "static" and not torch.is_autocast_enabled(ids.device.type):
         cache = _to_static_cache(policy.model, cache, ids.shape[1] + config.max_new_tokens)
     return policy.model.generate(
         input_ids=ids,

@@ -1,0 +1,143 @@
+"""Summarise `make demo` runs over seeds, next to the constant-box baseline of the same held-out split.
+
+Run by hand after one demo run per seed (each writes ``grpo_summary.json`` into its log folder)::
+
+    .venv/bin/python bench/demo_report.py runs/lightning_logs/version_0 runs/lightning_logs/version_1 ... \
+        --data data/demo/ct3d
+
+Why a baseline: the demo's single-lesion phantoms put lesions in a few organs, so lesion positions cluster and a
+fixed box already scores a non-zero IoU. "GRPO improves the policy" means little unless the numbers are read
+against the best box a model could output without looking at the image. The constant box is fitted on the
+*training* split (coordinate ascent on mean IoU, starting from the median box) and scored on the held-out split
+the demo evaluates on. Boxes are compared in the stored voxel frame of the manifests; the demo's phantoms all
+share one shape and orientation, so one box means the same place in every case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from mg3d.boxes import pair_iou
+from mg3d.data.records import read_manifest
+
+STAGES = ("warm_start", "after_grpo")
+METRICS = ("greedy/mIoU", "greedy/acc@0.5", "sampled/mIoU", "sampled/acc@0.5")
+
+
+def first_boxes(manifest: Path) -> np.ndarray:
+    """The first (only) target box of every record, voxel frame, as an ``(N, 2·ndim)`` array."""
+    records = read_manifest(manifest)
+    if not records:
+        raise SystemExit(f"{manifest}: no records")
+    shapes = {tuple(r.spatial_shape) for r in records}
+    if len(shapes) != 1:
+        raise SystemExit(
+            f"{manifest}: records of several shapes {sorted(shapes)}; a constant box is meaningless"
+        )
+    return np.array([r.boxes[0] for r in records], dtype=float)
+
+
+def mean_iou(box: np.ndarray, targets: np.ndarray) -> float:
+    return float(np.mean(pair_iou(np.repeat(box[None], len(targets), 0), targets)))
+
+
+def best_constant_box(train: np.ndarray, sweeps: int = 3) -> np.ndarray:
+    """Coordinate ascent on the mean training IoU over integer coordinates, from the median box."""
+    box = np.round(np.median(train, axis=0))
+    nd = train.shape[1] // 2
+    upper = int(np.ceil(train.max()))
+    for _ in range(sweeps):
+        for i in range(2 * nd):
+            best_value, best_score = box[i], mean_iou(box, train)
+            for value in range(upper + 1):
+                trial = box.copy()
+                trial[i] = value
+                if np.all(trial[nd:] > trial[:nd]) and (score := mean_iou(trial, train)) > best_score:
+                    best_value, best_score = value, score
+            box[i] = best_value
+    return box
+
+
+def load_summary(run: Path) -> dict:
+    path = run / "grpo_summary.json" if run.is_dir() else run
+    if not path.is_file():
+        raise SystemExit(f"{path}: not found (give the log folder of a finished demo run)")
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    missing = [s for s in STAGES if s not in summary]
+    if missing:
+        raise SystemExit(f"{path}: no {missing} stage(s); did the run finish both phases?")
+    return summary
+
+
+def _ms(values: list[float]) -> str:
+    return (
+        f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+        if len(values) > 1
+        else f"{values[0]:.3f}"
+    )
+
+
+def report(runs: list[Path], data: Path) -> str:
+    summaries = [load_summary(r) for r in runs]
+    lines = [
+        "| run | stage | step | " + " | ".join(METRICS) + " |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in METRICS) + " |",
+    ]
+    for run, summary in zip(runs, summaries, strict=True):
+        for stage in STAGES:
+            row = summary[stage]
+            cells = " | ".join(f"{row[m]:.3f}" for m in METRICS)
+            lines.append(f"| {run.name} | {stage} | {int(row['step'])} | {cells} |")
+    lines += ["", "Mean ± sample std over the runs:", ""]
+    lines += ["| metric | warm start | after GRPO | gain |", "| --- | --- | --- | --- |"]
+    for m in METRICS:
+        before = [s["warm_start"][m] for s in summaries]
+        after = [s["after_grpo"][m] for s in summaries]
+        gain = [a - b for a, b in zip(after, before, strict=True)]
+        lines.append(
+            f"| {m} | {_ms(before)} | {_ms(after)} | {'+' if statistics.mean(gain) >= 0 else ''}{_ms(gain)} |"
+        )
+    train, held_out = first_boxes(data / "train.jsonl"), first_boxes(data / "val.jsonl")
+    median_box = np.round(np.median(train, axis=0))
+    constant = best_constant_box(train)
+    centre = (held_out[:, : held_out.shape[1] // 2] + held_out[:, held_out.shape[1] // 2 :]) / 2
+    size = np.median(train[:, train.shape[1] // 2 :] - train[:, : train.shape[1] // 2], axis=0)
+    oracle_centre = np.concatenate([centre - size / 2, centre + size / 2], axis=1)
+    lines += [
+        "",
+        f"Baselines on the same held-out split ({len(held_out)} records, `{data / 'val.jsonl'}`):",
+        "",
+        "| box | held-out mIoU |",
+        "| --- | --- |",
+        f"| median training box {median_box.astype(int).tolist()} | {mean_iou(median_box, held_out):.3f} |",
+        f"| best constant box on the training split {constant.astype(int).tolist()} | "
+        f"{mean_iou(constant, held_out):.3f} |",
+        f"| true centre, median training size (an upper reference) | "
+        f"{float(np.mean(pair_iou(oracle_centre, held_out))):.3f} |",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "runs", nargs="+", type=Path, help="log folders (or grpo_summary.json files) of demo runs"
+    )
+    parser.add_argument(
+        "--data", type=Path, default=Path("data/demo/ct3d"), help="the demo's prepared manifests"
+    )
+    args = parser.parse_args(argv)
+    print(report(args.runs, args.data))
+    print(f"\nCommand: `{shlex.join(['python', 'bench/demo_report.py', *(argv or sys.argv[1:])])}`")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
