@@ -145,34 +145,14 @@ def bench_grpo_step() -> list[tuple[str, str]]:
     """One TRL GRPOTrainer step (tiny policy, 2D 112×84 images, 4 prompts × 4 completions, 24 new tokens)."""
     from datasets import Dataset
     from PIL import Image
-    from transformers import Qwen2_5_VLProcessor
     from trl import GRPOConfig, GRPOTrainer
 
-    from mg3d.model import build_tiny_policy
+    from mg3d.model import build_tiny_policy, trl_image_processor
     from mg3d.prompts import build_messages
     from mg3d.rewards.trl_adapter import trl_reward_functions
 
-    class ImageOnlyProcessor(Qwen2_5_VLProcessor):
-        def __init__(
-            self, image_processor=None, tokenizer=None, video_processor=None, chat_template=None, **kw
-        ):
-            super().__init__(
-                image_processor=image_processor,
-                tokenizer=tokenizer,
-                video_processor=None,
-                chat_template=chat_template,
-                **kw,
-            )
-
-        def check_argument_for_proper_class(self, argument_name, argument):
-            return (
-                None if argument is None else super().check_argument_for_proper_class(argument_name, argument)
-            )
-
     policy = build_tiny_policy(seed=0)
-    processor = ImageOnlyProcessor(
-        policy.processor, policy.tokenizer, chat_template=policy.tokenizer.chat_template
-    )
+    processor = trl_image_processor(policy)
     rows = []
     for i in range(8):
         img = np.full((84, 112), 40, np.uint8)

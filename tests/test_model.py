@@ -18,6 +18,7 @@ from mg3d.model import (
     merged_token_count,
     mrope_section,
     save_policy,
+    trl_image_processor,
 )
 
 FAMILIES = ["qwen2.5-vl", "qwen2-vl"]
@@ -234,6 +235,49 @@ def test_mm_token_type_ids_switch_on_3d_positions() -> None:
     assert torch.allclose(with_types[:, :end], by_hand, atol=1e-5)
     assert not torch.allclose(without[:, :end], by_hand, atol=1e-3)
     assert (with_types - without).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------
+# the processor handed to TRL
+# ---------------------------------------------------------------------------------------------------
+def test_trl_image_processor_matches_the_policy_and_round_trips(policy: Policy, tmp_path) -> None:
+    """Image chats become the placeholders, pixels and types mg3d builds itself; save/load keeps them."""
+    from PIL import Image
+
+    processor = trl_image_processor(policy)
+    assert processor.get_attributes() == [
+        "image_processor",
+        "tokenizer",
+    ]  # no video processor to need torchvision
+    rng = np.random.default_rng(3)
+    image = Image.fromarray(rng.integers(0, 256, size=(56, 84, 3), dtype=np.uint8))
+    chat = [
+        [
+            {
+                "role": "user",
+                "content": [{"type": "image", "image": image}, {"type": "text", "text": "Find it."}],
+            }
+        ]
+    ]
+    kwargs = dict(add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    out = processor.apply_chat_template(chat, **kwargs)
+    ref = policy.processor(images=[image], return_tensors="pt")
+    assert torch.equal(out["pixel_values"], ref["pixel_values"])
+    assert torch.equal(out["image_grid_thw"], ref["image_grid_thw"])
+    ids, types = out["input_ids"][0], out["mm_token_type_ids"][0]
+    span = policy.vision_span(ref["image_grid_thw"][0], "image")
+    assert int((ids == policy.image_token_id).sum()) == span.num_vision_tokens == 6
+    assert torch.equal(types == MM_TYPE_IMAGE, ids == policy.image_token_id)
+    assert processor.tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
+    with torch.no_grad():
+        logits = policy.model.eval()(**out).logits
+    assert logits.shape[:2] == ids[None].shape and torch.isfinite(logits).all()
+
+    processor.save_pretrained(tmp_path / "proc")
+    loaded = type(processor).from_pretrained(tmp_path / "proc")
+    again = loaded.apply_chat_template(chat, **kwargs)
+    assert set(again) == set(out) and all(torch.equal(again[k], out[k]) for k in out)
+    assert loaded.image_processor.size == policy.processor.size
 
 
 # ---------------------------------------------------------------------------------------------------

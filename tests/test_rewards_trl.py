@@ -106,37 +106,13 @@ def test_inside_a_real_grpo_trainer_step(tmp_path: Path) -> None:
     """One GRPOTrainer step on 2D images with the tiny policy; logged reward columns equal mg3d's own."""
     import pandas as pd
     from datasets import Dataset
-    from transformers import Qwen2_5_VLProcessor
     from trl import GRPOConfig, GRPOTrainer
 
-    from mg3d.model import build_tiny_policy
+    from mg3d.model import build_tiny_policy, trl_image_processor
     from mg3d.prompts import build_messages
 
-    class ImageOnlyProcessor(Qwen2_5_VLProcessor):
-        """Qwen2.5-VL processor without a video processor (environment.md §3: none imports without torchvision)."""
-
-        def __init__(
-            self, image_processor=None, tokenizer=None, video_processor=None, chat_template=None, **kw
-        ):
-            super().__init__(
-                image_processor=image_processor,
-                tokenizer=tokenizer,
-                video_processor=None,
-                chat_template=chat_template,
-                **kw,
-            )
-
-        def check_argument_for_proper_class(self, argument_name, argument):
-            if argument is None:
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
-
     policy = build_tiny_policy(seed=0)
-    processor = ImageOnlyProcessor(
-        image_processor=policy.processor,
-        tokenizer=policy.tokenizer,
-        chat_template=policy.tokenizer.chat_template,
-    )
+    processor = trl_image_processor(policy)
     rows = []
     for i in range(4):
         img = np.full((84, 112), 40, np.uint8)
