@@ -209,15 +209,7 @@ def cob_prompter(module: Any, prompt: Any, trail: str, grid: Sequence[int], inst
             reasoning = f"the lesion [{', '.join(str(v) for v in coarse)}]"
             return format_completion(values, visual.ndim, template=self.template, reasoning=reasoning)
 
-    return CoBPrompter(
-        module.policy,
-        template=prompt.template,
-        volume_strategy=prompt.volume_strategy,
-        max_vision_tokens=prompt.max_vision_tokens,
-        laterality=prompt.laterality,
-        parse_mode=prompt.parse_mode,
-        system_prompt=prompt.system_prompt,
-    )
+    return CoBPrompter.from_config(module.policy, prompt)
 
 
 def coarse_box(values: Sequence[int], shape: Sequence[int], grid: Sequence[int]) -> list[int]:

@@ -473,16 +473,7 @@ class Grounder:
     ) -> None:
         self.policy = policy
         self.prompt_config = _prompt_from(prompt or {}, "prompt")
-        c = self.prompt_config
-        self.prompter = GroundingPrompter(
-            policy,
-            template=c.template,
-            volume_strategy=c.volume_strategy,
-            max_vision_tokens=c.max_vision_tokens,
-            laterality=c.laterality,
-            parse_mode=c.parse_mode,
-            system_prompt=c.system_prompt,
-        )
+        self.prompter = GroundingPrompter.from_config(policy, self.prompt_config)
         # ``None`` marks an ambiguous key (several different training pipelines claimed it): refused when used.
         self.pipelines: dict[str, PipelineConfig | None] = {
             str(k): None if v is None else _pipeline_from(v, f"pipelines[{k!r}]")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ from mg3d.prompts import (
     render_prompt,
 )
 from mg3d.tokenization import TokenizedVisual, VisionSpec, VisualTokenizer, build_model_inputs
+
+if TYPE_CHECKING:  # mg3d.grpo.config imports the policy code; only the annotation is needed here
+    from mg3d.grpo.config import PromptConfig
 
 __all__ = ["Decoded", "GroundingPrompter", "PromptBatch", "best_iou"]
 
@@ -111,6 +114,20 @@ class GroundingPrompter:
         self.parse_mode = parse_mode
         self.system_prompt = system_prompt
         self.codec = policy.codec
+
+    @classmethod
+    def from_config(cls, policy: Policy, config: PromptConfig) -> GroundingPrompter:
+        """The prompter a :class:`~mg3d.grpo.config.PromptConfig` describes (training, inference and benches
+        build it the same way)."""
+        return cls(
+            policy,
+            template=config.template,
+            volume_strategy=config.volume_strategy,
+            max_vision_tokens=config.max_vision_tokens,
+            laterality=config.laterality,
+            parse_mode=config.parse_mode,
+            system_prompt=config.system_prompt,
+        )
 
     # -- prompts ----------------------------------------------------------------------------------------
 

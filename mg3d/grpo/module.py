@@ -102,7 +102,8 @@ class GRPOModule(pl.LightningModule):
         steps_per_generation: S, optimiser steps per generation batch (TRL's ``steps_per_generation``).
         micro_batch_size: prompts per forward/backward inside a slice (gradient accumulation); ``None`` = all.
         dynamic_sampling: drop groups whose rewards are all equal (DAPO); they carry no gradient anyway.
-        sampling_seed: base seed of the sampling generator (rank r uses ``sampling_seed + r``); also the tiny policy's init seed when ``policy.seed`` is null.
+        sampling_seed: base seed of the sampling generator (rank r uses ``sampling_seed + r``); also the tiny
+            policy's init seed when ``policy.seed`` is null.
         log_completions_every_n_steps: log a table of sampled completions every N steps (0 = never).
         max_consecutive_nonfinite: stop after this many consecutive steps skipped for a NaN/Inf reward or loss.
     """
@@ -152,15 +153,7 @@ class GRPOModule(pl.LightningModule):
 
         self.policy = self.policy_config.build(default_seed=self.sampling_seed)
         self.model = self.policy.model  # registered as a submodule: Lightning moves, saves and syncs it
-        self.prompter = GroundingPrompter(
-            self.policy,
-            template=self.prompt_config.template,
-            volume_strategy=self.prompt_config.volume_strategy,
-            max_vision_tokens=self.prompt_config.max_vision_tokens,
-            laterality=self.prompt_config.laterality,
-            parse_mode=self.prompt_config.parse_mode,
-            system_prompt=self.prompt_config.system_prompt,
-        )
+        self.prompter = GroundingPrompter.from_config(self.policy, self.prompt_config)
         self.reward_set = RewardSet.from_config(
             rewards or DEFAULT_REWARDS, codec=self.policy.codec_name, parse_mode=self.prompt_config.parse_mode
         )
