@@ -27,8 +27,6 @@ from mg3d.checkpointing import (
     temporary_path,
     with_atomic_checkpoint_io,
 )
-from mg3d.data.datamodule import GroundingDataModule, SourceConfig, SyntheticConfig
-from mg3d.data.transforms import PipelineConfig
 from mg3d.errors import ConfigError
 from mg3d.grounder import load_checkpoint_safely
 
@@ -157,22 +155,8 @@ def test_restarted_run_resumes_with_ckpt_path_last(phantoms, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def phantoms(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("resume") / "ct3d"
-    source = SourceConfig(
-        path=str(folder),
-        synthetic=SyntheticConfig(
-            kind="ct3d",
-            n=16,
-            seed=3,
-            val_fraction=0.25,
-            questions_per_region=[1, 0],
-            options={"shape": [32, 32, 16], "single_lesion": True},
-        ),
-        pipeline=PipelineConfig(spatial_size=(28, 28, 8)),
-    )
-    GroundingDataModule([source]).prepare_data()
-    return folder
+def phantoms(phantom_source) -> Path:
+    return Path(phantom_source.path)
 
 
 def _command(phantoms: Path, ckpt_dir: Path, resume: bool, keep_all: bool = False) -> list[str]:

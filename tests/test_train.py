@@ -18,34 +18,13 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from mg3d.data.datamodule import GroundingDataModule, SourceConfig, SyntheticConfig
-from mg3d.data.transforms import PipelineConfig
+from mg3d.data.datamodule import GroundingDataModule, SourceConfig
 from mg3d.grpo.config import EvalConfig, OptimConfig, PromptConfig, WarmStartConfig
 from mg3d.grpo.loss import GRPOLossConfig
 from mg3d.grpo.module import GRPOModule, format_summary
 from mg3d.grpo.rollout import RolloutConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_SHAPE = [32, 32, 16]
-
-
-@pytest.fixture(scope="module")
-def phantom_source(tmp_path_factory) -> SourceConfig:
-    folder = tmp_path_factory.mktemp("phantoms") / "ct3d"
-    source = SourceConfig(
-        path=str(folder),
-        synthetic=SyntheticConfig(
-            kind="ct3d",
-            n=16,
-            seed=3,
-            val_fraction=0.25,
-            questions_per_region=[1, 0],
-            options={"shape": TINY_SHAPE, "single_lesion": True},
-        ),
-        pipeline=PipelineConfig(spatial_size=(28, 28, 8)),
-    )
-    GroundingDataModule([source]).prepare_data()
-    return source
 
 
 def make_datamodule(source: SourceConfig, batch_size: int = 2) -> GroundingDataModule:
