@@ -1,19 +1,23 @@
 #!/usr/bin/env python
-"""The learning study: what each MedGround-R1 component buys on the demo's synthetic 3D benchmark.
+"""The learning study: what each MedGround-R1 component buys on a demo's synthetic benchmark (3D or 2D).
 
 Run by hand, alone on the machine (one torch thread, runs one after the other)::
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/learning.py --md docs/bench_learning.md --figures docs/figures
     OMP_NUM_THREADS=1 .venv/bin/python bench/learning.py --smoke    # < 1 min: tiny data, a few steps
+    OMP_NUM_THREADS=1 .venv/bin/python bench/learning.py --config configs/demo_2d.yaml --out runs/bench_learning_2d
 
 The defaults (3 seeds, 400 + 50 warm-start steps, 48 GRPO steps per arm, 900 phantoms) fit about 40 CPU-minutes
 on a 2-core machine; ``--reuse-warm-starts`` skips the warm starts of an earlier run, ``--warm-start-ckpt``
 starts from other checkpoints (e.g. ``make demo``'s), ``--report-only`` rebuilds the report from the JSON.
 
-Benchmark: ``configs/demo.yaml`` as it stands — single-lesion CT phantoms (64×64×16, M3D-RefSeg layout,
-real adapter and MONAI pipeline, 56×56×16 video, 32 vision tokens), the tiny random-init Qwen2.5-VL and the
-terse prompt — scored on the phantoms' held-out ``test`` split (cases never drawn in training), greedy and
-one sample at T = 1. Every seed changes the policy's initial weights, the data order and the sampling seed.
+Benchmark: the ``--config`` demo as it stands — by default ``configs/demo.yaml``, single-lesion CT phantoms
+(64×64×16, M3D-RefSeg layout, real adapter and MONAI pipeline, 56×56×16 video); ``configs/demo_2d.yaml`` runs
+the same study on chest-radiograph phantoms (MS-CXR layout, 2D). The tiny random-init Qwen2.5-VL and the
+config's (terse) prompt, scored on the phantoms' held-out ``test`` split (cases never drawn in training), greedy
+and one sample at T = 1. Every seed changes the policy's initial weights, the data order and the sampling seed.
+Everything reads the box dimension from the data (boxes, trail grid, constant-box baseline), so one script
+serves both.
 
 Arms, per seed, all GRPO arms starting from the *same* warm-start weights of that seed:
 
@@ -28,14 +32,14 @@ Arms, per seed, all GRPO arms starting from the *same* warm-start weights of tha
 
 Rewards are an unweighted sum, as in the paper. Warm starts are shared: ``--warm-steps`` supervised steps on
 the terse template per seed, then ``--branch-steps`` more on each answer format (terse, and Chain-of-Box),
-so every arm has had the same number of supervised steps. mg3d's warm start writes the template's target
-answer with an empty ``<think></think>`` (:func:`mg3d.prompts.format_completion`, ``reasoning=""``), so a
-model warm-started on it never writes a box in its reasoning and the Chain-of-Box reward has nothing to
-score; the Chain-of-Box branch therefore teaches a *box trail*: ``<think>the lesion [coarse box]</think>``
-with the answer box widened outward to a coarse grid (``--trail-grid``), then the exact answer — a
-coarse-to-fine chain the consistency reward can check (``--trail none`` keeps mg3d's empty reasoning).
-Chain-of-Box arms ask "Find {phrase}." like the terse template unless ``--cob-instruction full`` (the
-template's own 712-token instruction, about 10× the cost of a step; see :func:`cob_prompter`).
+so every arm has had the same number of supervised steps. The Chain-of-Box arms are configured through
+:class:`mg3d.grpo.config.PromptConfig` (see :func:`cob_prompt_fields`): the warm start teaches a *box trail*,
+``<think>the lesion [coarse box]</think>`` with the answer box widened outward to a coarse grid, then the exact
+answer — a coarse-to-fine chain the consistency reward can check (``--trail coarse`` =
+``warm_start_reasoning: coarse_box``, grid ``--trail-grid`` = ``trail_grid``; ``--trail none`` = ``empty``,
+mg3d's default ``<think></think>``, which gives that reward nothing to score). Chain-of-Box arms ask
+"Find {phrase}." (``--cob-instruction terse`` = ``instruction: terse``) unless ``--cob-instruction full``
+(``instruction: template``, the template's own ~712-token instruction, about 10× the cost of a step).
 
 Reported: held-out mIoU and Acc@0.5 per arm with 95 % bootstrap intervals over the held-out cases and
 Student-t intervals over the seeds, differences to ``binary`` paired by case and seed (same warm start),
@@ -48,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -118,11 +123,34 @@ def load_demo(path: Path) -> dict[str, Any]:
 
 
 def data_folder(cfg: Mapping[str, Any], n: int) -> Path:
-    """The demo's data folder when ``n`` is the demo's phantom count (shared with ``make demo``), else its own."""
+    """The demo's data folder when ``n`` is the demo's phantom count (shared with ``make demo``), else its own.
+
+    The bench's own folder is named by the generator settings (kind, layout, options: a short hash), because
+    the DataModule reuses any folder that already holds a manifest — two configs must never share one.
+    """
     source = cfg["data"]["sources"][0]
-    if n == source["synthetic"]["n"]:
+    spec = source["synthetic"]
+    if n == spec["n"]:
         return ROOT / source["path"]
-    return ROOT / "data" / "bench_learning" / f"ct3d-n{n}"
+    key = json.dumps({k: v for k, v in spec.items() if k != "n"}, sort_keys=True, default=str)
+    digest = hashlib.sha1(key.encode("utf-8")).hexdigest()[:8]
+    return ROOT / "data" / "bench_learning" / f"{spec.get('kind', 'ct3d')}-n{n}-{digest}"
+
+
+def benchmark_label(cfg: Mapping[str, Any], config: Path) -> dict[str, Any]:
+    """What the report says the benchmark is: the config file, the phantom kind and the box dimension."""
+    spec = cfg["data"]["sources"][0]["synthetic"]
+    kind = spec.get("kind", "ct3d")
+    ndim = 2 if kind == "cxr2d" else 3
+    if kind == "cxr2d":
+        what = f"chest-radiograph phantoms, {spec.get('layout', 'mscxr')} layout, 2D boxes"
+    else:
+        what = "single-lesion CT phantoms, M3D-RefSeg layout, 3D boxes"
+    try:
+        name = str(config.resolve().relative_to(ROOT))
+    except ValueError:
+        name = str(config)
+    return {"config": name, "what": what, "ndim": ndim}
 
 
 def build_datamodule(cfg: Mapping[str, Any], n: int, seed: int) -> Any:
@@ -158,8 +186,9 @@ def build_module(
 
     m = cfg["model"]
     tokens = cob_new_tokens if arm.template == COB else m["rollout"]["max_new_tokens"]
-    prompt = PromptConfig(**{**m["prompt"], "template": arm.template})
-    module = GRPOModule(
+    fields = cob_prompt_fields(trail, trail_grid, cob_instruction) if arm.template == COB else {}
+    prompt = PromptConfig(**{**m["prompt"], "template": arm.template, **fields})
+    return GRPOModule(
         policy=PolicyConfig(**{**m["policy"], "seed": seed}),
         prompt=prompt,
         rollout=RolloutConfig(**{**m["rollout"], "max_new_tokens": tokens}),
@@ -173,51 +202,20 @@ def build_module(
         sampling_seed=seed,
         log_completions_every_n_steps=0,
     )
-    if arm.template == COB and (trail == "coarse" or cob_instruction == "terse"):
-        module.prompter = cob_prompter(module, prompt, trail, trail_grid, cob_instruction)
-    return module
 
 
-def cob_prompter(module: Any, prompt: Any, trail: str, grid: Sequence[int], instruction: str) -> Any:
-    """A Chain-of-Box prompter: the supervised answer carries a box trail, the instruction may be terse.
+def cob_prompt_fields(trail: str, trail_grid: Sequence[int], instruction: str) -> dict[str, Any]:
+    """The ``PromptConfig`` fields of the Chain-of-Box arms, from the bench's flags.
 
-    ``instruction="terse"`` asks "Find {phrase}." (the terse template's user turn) instead of the
-    ``chain_of_box`` template's 712-token instruction: the random-init policy cannot read either, and the long
-    one made a supervised step 11× and a GRPO step > 6× slower (measured; see the report). The answer format
-    — ``<think>…</think><answer>{"bbox_3d": […]}</answer>`` — and the strict format rule stay the template's.
+    ``instruction="terse"`` asks "Find {phrase}." instead of the ``chain_of_box`` template's 712-token
+    instruction: the random-init policy cannot read either, and the long one made a supervised step 11× and a
+    GRPO step > 6× slower (measured). The answer format and the strict format rule stay the template's.
     """
-    from mg3d.grounding import GroundingPrompter
-    from mg3d.prompts import build_messages, format_completion
-
-    class CoBPrompter(GroundingPrompter):
-        """Chain-of-Box answers with a coarse box trail; optionally the terse user turn."""
-
-        def _messages(self, sample: Mapping[str, Any], visual: Any) -> list[dict[str, Any]]:
-            if instruction != "terse":
-                return super()._messages(sample, visual)
-            return build_messages(
-                str(sample["text"]), visual.ndim, template=TERSE, codec=self.codec,
-                system_prompt=self.system_prompt, record_id=str(sample.get("id", "")), **visual.prompt_kwargs(),
-            )  # fmt: skip
-
-        def answer_for(self, gt_voxel: np.ndarray, visual: Any) -> str:
-            if trail != "coarse":
-                return super().answer_for(gt_voxel, visual)
-            text_box = visual.frame.to_text(gt_voxel[:1])[0]
-            values = self.codec.encode(text_box, visual.text_shape)
-            coarse = coarse_box(values, visual.text_shape, grid)
-            reasoning = f"the lesion [{', '.join(str(v) for v in coarse)}]"
-            return format_completion(values, visual.ndim, template=self.template, reasoning=reasoning)
-
-    return CoBPrompter.from_config(module.policy, prompt)
-
-
-def coarse_box(values: Sequence[int], shape: Sequence[int], grid: Sequence[int]) -> list[int]:
-    """``values`` (half-open text box) widened outward to multiples of ``grid`` per axis, inside ``shape``."""
-    d = len(shape)
-    lo = [int(v) // g * g for v, g in zip(values[:d], grid)]
-    hi = [min(int(s), -(-int(v) // g) * g) for v, g, s in zip(values[d:], grid, shape)]
-    return lo + hi
+    return {
+        "instruction": "terse" if instruction == "terse" else "template",
+        "warm_start_reasoning": "coarse_box" if trail == "coarse" else "empty",
+        "trail_grid": tuple(trail_grid),
+    }
 
 
 # ----------------------------------------------------------------------------------------------- running
@@ -348,7 +346,7 @@ def load_weights(module: Any, path: Path) -> int | None:
         )
         raise SystemExit(
             f"{path}: weights do not fit the demo's policy ({first[:200]}); "
-            "was it trained with configs/demo.yaml's model sizes?"
+            "was it trained with the --config file's model sizes?"
         ) from None
     return None if step is None else int(step)
 
@@ -529,17 +527,28 @@ class Study:
 
 
 def constant_box_ious(dm: Any, samples: Sequence[Mapping[str, Any]]) -> list[float]:
-    """Held-out IoU of one box for every case: the per-coordinate median training box (the floor to beat)."""
+    """Held-out IoU of one box for every case: the per-coordinate median training box (the floor to beat).
+
+    The median is taken in fractions of each image's size and scaled to each held-out image, because 2D
+    radiographs differ in size (3D phantoms share one shape, where this is the plain median box). Any box
+    dimension: the first box of each record, ``2 · ndim`` numbers.
+    """
     from mg3d.boxes import iou_matrix
     from mg3d.data.datamodule import load_source_records
 
     train = [
-        np.asarray(r.boxes[0], dtype=np.float64)
+        np.asarray(r.boxes[0], dtype=np.float64) / np.tile(np.asarray(r.spatial_shape, dtype=np.float64), 2)
         for src in dm.sources
         for r in load_source_records(src, "train")
     ]
-    box = np.median(np.stack(train), axis=0)
-    return [float(iou_matrix(box[None], np.asarray(x["boxes"], dtype=np.float64)).max()) for x in samples]
+    if not train:
+        raise SystemExit(f"no training records in {[str(src.path) for src in dm.sources]}")
+    fraction = np.median(np.stack(train), axis=0)
+    out = []
+    for x in samples:
+        box = fraction * np.tile(np.asarray(x["frame"].source_shape, dtype=np.float64), 2)
+        out.append(float(iou_matrix(box[None], np.asarray(x["boxes"], dtype=np.float64)).max()))
+    return out
 
 
 def curves(run: RunLog) -> dict[str, list[tuple[float, float]]]:
@@ -647,11 +656,20 @@ def markdown(results: Mapping[str, Any], summary: Mapping[str, Any], command: st
     """The docs section: machine, command, settings, tables."""
     meta = results["meta"]
     held = results.get("held_out", {})
+    bench = meta.get("benchmark") or {
+        "config": "configs/demo.yaml",
+        "what": "single-lesion CT phantoms, M3D-RefSeg layout, 3D boxes",
+    }
     cob_note = ""
     if any(arm_spec(a).template == COB for a in meta["arms"]):
+        fields = cob_prompt_fields(
+            meta["trail"], meta.get("trail_grid", [8, 8, 4]), meta.get("cob_instruction", "terse")
+        )
+        grid = ",".join(str(v) for v in fields["trail_grid"][: bench.get("ndim", 3)])
         cob_note = (
-            f" and {meta.get('cob_branch_steps', meta['branch_steps'])} on the Chain-of-Box format (box trail "
-            f"`--trail {meta['trail']}`, instruction `--cob-instruction {meta.get('cob_instruction', 'terse')}`)"
+            f" and {meta.get('cob_branch_steps', meta['branch_steps'])} on the Chain-of-Box format (prompt "
+            f"`warm_start_reasoning: {fields['warm_start_reasoning']}`, `trail_grid: [{grid}]`, "
+            f"`instruction: {fields['instruction']}`)"
         )
     lines = [
         "## The learning study (`bench/learning.py`)",
@@ -660,7 +678,7 @@ def markdown(results: Mapping[str, Any], summary: Mapping[str, Any], command: st
         f"{' — REDUCED RUN: ' + meta['reduced'] if meta.get('reduced') else ''}. Command: `{command}`. "
         f"Total time {meta['total_minutes']:.1f} min (phantom generation {meta['data_minutes']:.1f} min).",
         "",
-        f"Benchmark: `configs/demo.yaml` ({meta['n_phantoms']} single-lesion CT phantoms, terse prompt, tiny "
+        f"Benchmark: `{bench['config']}` ({meta['n_phantoms']} {bench['what']}, terse prompt, tiny "
         f"policy); held-out = the `{held.get('split')}` split ({held.get('n')} cases, never trained on). Seeds "
         f"planned {meta['seeds']}, run: {sorted(int(k) for k in results['runs'])} (a seed sets policy init, data "
         "order and sampling; the table says how many seeds each arm has). "
@@ -732,7 +750,11 @@ def markdown(results: Mapping[str, Any], summary: Mapping[str, Any], command: st
 
 
 def plot(results: Mapping[str, Any], summary: Mapping[str, Any], figures: Path) -> list[Path]:
-    """``learning_arms.png`` (held-out scores, zero-std share, completion length) and ``learning_sft.png``."""
+    """``learning_arms.png`` (held-out scores, zero-std share, completion length) and ``learning_sft.png``.
+
+    Another config than ``configs/demo.yaml`` adds its name (``learning_arms_demo_2d.png``), so a 2D study
+    written to the same folder does not overwrite the 3D figures.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -765,9 +787,12 @@ def plot(results: Mapping[str, Any], summary: Mapping[str, Any], figures: Path) 
         ax.set_xlabel(f"generation batch (= {results['meta']['spg']} optimiser steps)")
         ax.set_ylabel(label)
         ax.legend(fontsize=8)
-    fig.suptitle("Learning study: each component from the same warm start (configs/demo.yaml)")
+    config = results["meta"].get("benchmark", {}).get("config", "configs/demo.yaml")
+    fig.suptitle(f"Learning study: each component from the same warm start ({config})")
     fig.tight_layout()
-    paths = [figures / "learning_arms.png"]
+    stem = Path(results["meta"].get("benchmark", {}).get("config", "demo.yaml")).stem
+    suffix = "" if stem == "demo" else f"_{stem}"
+    paths = [figures / f"learning_arms{suffix}.png"]
     fig.savefig(paths[0], dpi=110)
     plt.close(fig)
     if "sft" in summary and SFT_MATCH in summary:
@@ -787,7 +812,7 @@ def plot(results: Mapping[str, Any], summary: Mapping[str, Any], figures: Path) 
         ax.set_ylim(0, 1.35 * max(summary[n]["greedy/mIoU"][2] for n, _ in pairs))
         ax.legend(loc="upper right", ncol=3, fontsize=8)
         fig.tight_layout()
-        paths.append(figures / "learning_sft.png")
+        paths.append(figures / f"learning_sft{suffix}.png")
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
     return paths
@@ -820,7 +845,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="Chain-of-Box warm-start reasoning: coarse box trail, or mg3d's empty <think>")  # fmt: skip
     p.add_argument("--cob-instruction", choices=("terse", "full"), default="terse",
                    help="Chain-of-Box user turn: 'Find {phrase}.' or the template's full instruction")  # fmt: skip
-    p.add_argument("--trail-grid", default="8,8,4", help="coarse grid of the trail box (x, y, z)")
+    p.add_argument("--trail-grid", default=None,
+                   help="coarse cell size of the trail box per text-grid axis, x,y[,z] (PromptConfig.trail_grid; "
+                        "2D uses the first two; default: the config's prompt.trail_grid, else 8,8,4)")  # fmt: skip
     p.add_argument("--warm-start-ckpt", action="append", default=[], metavar="SEED=PATH",
                    help="base warm start of SEED from a mg3d .ckpt (e.g. runs/demo/…/last.ckpt) or a bench "
                         ".safetensors; replaces --warm-steps for that seed")  # fmt: skip
@@ -837,6 +864,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny settings for a < 1 min check")
     p.add_argument("--threads", type=int, default=1, help="torch threads (keep 1 on the shared machine)")
     return p.parse_args(argv)
+
+
+def trail_grid_from(flag: str | None, cfg: Mapping[str, Any]) -> list[int]:
+    """``--trail-grid`` (or the config's ``prompt.trail_grid``, else 8,8,4), checked by ``PromptConfig``."""
+    from mg3d.errors import ConfigError
+    from mg3d.grpo.config import PromptConfig
+
+    value: Any = flag if flag is not None else cfg["model"]["prompt"].get("trail_grid", [8, 8, 4])
+    try:
+        return list(PromptConfig(trail_grid=value).trail_grid)
+    except ConfigError as err:
+        raise SystemExit(f"--trail-grid {value!r}: {err}") from None
 
 
 def settings_from(args: argparse.Namespace, cfg: Mapping[str, Any]) -> Settings:
@@ -863,7 +902,7 @@ def settings_from(args: argparse.Namespace, cfg: Mapping[str, Any]) -> Settings:
         arms=arms,
         cob_new_tokens=args.cob_new_tokens,
         trail=args.trail,
-        trail_grid=[int(v) for v in args.trail_grid.split(",")],
+        trail_grid=trail_grid_from(args.trail_grid, cfg),
         cob_instruction=args.cob_instruction,
         warm_start_ckpt=ckpts,
         reuse_warm_starts=args.reuse_warm_starts,
@@ -913,7 +952,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cob_branch_steps": s.cob_branch_steps,
         "grpo_steps": s.grpo_steps,
         "trail": s.trail,
+        "trail_grid": s.trail_grid,
         "cob_instruction": s.cob_instruction,
+        "benchmark": benchmark_label(cfg, args.config),
         "batch_size": cfg["data"]["batch_size"],
         "G": m["rollout"]["num_generations"],
         "spg": m.get("steps_per_generation", 1),

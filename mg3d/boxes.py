@@ -45,6 +45,7 @@ __all__ = [
     "box_volumes",
     "center_distance_mm",
     "clip_boxes",
+    "coarsen_box",
     "convert_box_mode",
     "crop_step",
     "flip_step",
@@ -231,6 +232,41 @@ def clip_boxes(boxes: ArrayLike, spatial_shape: Sequence[int]) -> np.ndarray:
     arr[:, :d] = np.clip(arr[:, :d], 0, upper)
     arr[:, d:] = np.clip(arr[:, d:], arr[:, :d], upper)
     return arr
+
+
+def coarsen_box(box: ArrayLike, spatial_shape: Sequence[int], cell: Sequence[int]) -> np.ndarray:
+    """``box`` widened outward to a grid of ``cell``-sized cells (one size per axis), inside ``[0, shape]``.
+
+    Why: a coarse-to-fine reasoning trail (Chain-of-Box warm start) names a coarse region before the exact
+    box. Widening only outward keeps the exact box inside the coarse one, so a consistency check that asks
+    for containment is met by construction. The box is first clipped to the grid; each low edge then moves
+    down and each high edge up to the nearest cell boundary (the grid's far border counts as one). An axis of
+    zero extent gets the one cell that holds it. The result lies on the coarse grid: coarsening it again
+    returns it unchanged.
+    """
+    arr = _as_float_array(box, "coarsen_box box")
+    if arr.ndim != 1 or arr.size not in (4, 6):
+        raise BoxError(f"coarsen_box: expected one box of 4 or 6 numbers, got shape {arr.shape}")
+    d = arr.size // 2
+    shape = _shape(spatial_shape, "coarsen_box spatial_shape")
+    cells = _shape(cell, "coarsen_box cell")
+    if len(shape) != d or len(cells) != d:
+        raise BoxError(
+            f"coarsen_box: a {d}D box needs {d} grid sizes and {d} cell sizes, got {shape}, {cells}"
+        )
+    lo, hi = validate_box(arr, d, what="coarsen_box box", allow_empty=True).reshape(2, d)
+    out = np.empty(2 * d, dtype=np.float64)
+    for a, (size, g) in enumerate(zip(shape, cells)):
+        low = min(max(lo[a], 0.0), size)
+        high = min(max(hi[a], low), size)
+        c_lo = math.floor(low / g) * g
+        c_hi = min(size, math.ceil(high / g) * g)
+        if c_hi == c_lo:  # zero extent on a cell boundary: take the cell above it, or below at the far border
+            c_hi = min(size, c_lo + g)
+            if c_hi == c_lo:
+                c_lo = math.floor((size - 1) / g) * g
+        out[a], out[a + d] = c_lo, c_hi
+    return out
 
 
 def iou_matrix(boxes1: ArrayLike, boxes2: ArrayLike) -> np.ndarray:

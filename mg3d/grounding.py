@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
-from mg3d.boxes import CoordinateFrame, iou_matrix, validate_boxes
+from mg3d.boxes import CoordinateFrame, coarsen_box, iou_matrix, validate_boxes
 from mg3d.errors import BoxError, ConfigError, DataError
 from mg3d.model import Policy
 from mg3d.prompts import (
@@ -32,7 +32,11 @@ from mg3d.tokenization import TokenizedVisual, VisionSpec, VisualTokenizer, buil
 if TYPE_CHECKING:  # mg3d.grpo.config imports the policy code; only the annotation is needed here
     from mg3d.grpo.config import PromptConfig
 
-__all__ = ["Decoded", "GroundingPrompter", "PromptBatch", "best_iou"]
+__all__ = ["TRAIL_SUBJECT", "Decoded", "GroundingPrompter", "PromptBatch", "best_iou"]
+
+#: The words before the coarse box of a warm-start reasoning trail (``<think>the lesion [x1, …]</think>``).
+TRAIL_SUBJECT = "the lesion"
+_TERSE = get_template("terse")
 
 
 @dataclass
@@ -89,6 +93,12 @@ class GroundingPrompter:
         laterality: add the display-convention hint for ``"cxr"``/``"ct"`` phrases, or ``None``.
         parse_mode: ``lenient`` (rewards, mg3d evaluation) or ``strict`` (MedGround-R1 rules).
         system_prompt: optional system turn.
+        instruction: ``template`` (the template's own user turn) or ``terse`` ("Find {phrase}."; the template's
+            answer format and ``<think>`` tags are kept).
+        warm_start_reasoning: the supervised target's ``<think>`` for think templates: ``empty``, or
+            ``coarse_box`` — ``{TRAIL_SUBJECT} [coarse box]``, the answer box widened outward to ``trail_grid``
+            (see :meth:`answer_for`).
+        trail_grid: coarse cell size per text-grid axis, (x, y[, z]); 2D samples use the first two.
     """
 
     def __init__(
@@ -101,9 +111,26 @@ class GroundingPrompter:
         laterality: bool = False,
         parse_mode: Literal["lenient", "strict"] = "lenient",
         system_prompt: str | None = None,
+        instruction: Literal["template", "terse"] = "template",
+        warm_start_reasoning: Literal["empty", "coarse_box"] = "empty",
+        trail_grid: Sequence[int] = (8, 8, 4),
     ) -> None:
         self.policy = policy
         self.template = get_template(template)
+        if instruction not in ("template", "terse"):
+            raise ConfigError(f"instruction must be 'template' or 'terse', got {instruction!r}")
+        if warm_start_reasoning not in ("empty", "coarse_box"):
+            raise ConfigError(
+                f"warm_start_reasoning must be 'empty' or 'coarse_box', got {warm_start_reasoning!r}"
+            )
+        grid = tuple(trail_grid)
+        if len(grid) not in (2, 3) or any(
+            isinstance(g, bool) or not isinstance(g, int) or g <= 0 for g in grid
+        ):
+            raise ConfigError(f"trail_grid must be 2 or 3 positive integers, got {list(grid)!r}")
+        self.instruction = instruction
+        self.warm_start_reasoning = warm_start_reasoning
+        self.trail_grid = grid
         self.spec = VisionSpec.from_policy(policy)
         self.visual_tokenizer = VisualTokenizer(
             self.spec, volume_strategy=volume_strategy, max_vision_tokens=max_vision_tokens
@@ -127,6 +154,9 @@ class GroundingPrompter:
             laterality=config.laterality,
             parse_mode=config.parse_mode,
             system_prompt=config.system_prompt,
+            instruction=config.instruction,
+            warm_start_reasoning=config.warm_start_reasoning,
+            trail_grid=tuple(config.trail_grid),
         )
 
     # -- prompts ----------------------------------------------------------------------------------------
@@ -154,7 +184,7 @@ class GroundingPrompter:
         return build_messages(
             str(sample["text"]),
             ndim,
-            template=self.template,
+            template=_TERSE if self.instruction == "terse" else self.template,
             codec=self.codec,
             laterality=laterality,
             z_direction=z_direction,
@@ -164,10 +194,29 @@ class GroundingPrompter:
         )
 
     def answer_for(self, gt_voxel: np.ndarray, visual: TokenizedVisual) -> str:
-        """The target completion for supervised training: the first ground-truth box in the text frame."""
+        """The target completion for supervised training: the first ground-truth box in the text frame.
+
+        With ``warm_start_reasoning="coarse_box"`` a think template's ``<think>`` holds a coarse-to-fine trail,
+        ``the lesion [coarse box]``: the box the answer *writes* (codec integers decoded back to the text grid)
+        widened outward to ``trail_grid`` and encoded with the same codec. Encoding is monotonic, so the coarse
+        box the parser reads contains the answer box exactly and lies inside the grid — the Chain-of-Box reward
+        scores such a target 1 (well-formed and consistent).
+        """
         text_box = visual.frame.to_text(gt_voxel[:1])[0]
-        values = self.codec.encode(text_box, visual.text_shape)
-        return format_completion(values, visual.ndim, template=self.template)
+        shape = visual.text_shape
+        values = self.codec.encode(text_box, shape)
+        reasoning = ""
+        if self.template.think and self.warm_start_reasoning == "coarse_box":
+            if len(self.trail_grid) < visual.ndim:
+                raise ConfigError(
+                    f"trail_grid {list(self.trail_grid)} has {len(self.trail_grid)} sizes; a {visual.ndim}D sample "
+                    f"needs {visual.ndim} (x, y[, z])"
+                )
+            written = self.codec.decode(values, shape)
+            coarse = coarsen_box(written, shape, self.trail_grid[: visual.ndim])
+            trail = self.codec.encode(coarse, shape)
+            reasoning = f"{TRAIL_SUBJECT} [{', '.join(str(v) for v in trail)}]"
+        return format_completion(values, visual.ndim, template=self.template, reasoning=reasoning)
 
     def build(self, samples: Sequence[Mapping[str, Any]], *, region_hint: bool = False) -> PromptBatch:
         """Tokenize the visuals, render the chat prompts and assemble one left-padded model batch."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mg3d.boxes import CoordinateFrame, resize_step
-from mg3d.errors import DataError
+from mg3d.errors import ConfigError, DataError
 from mg3d.grounding import GroundingPrompter, best_iou
 from mg3d.grpo.schedule import PhaseSchedule
 from mg3d.model import build_tiny_policy
@@ -121,3 +121,63 @@ def test_phase_schedule_values():
     assert cos(2) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="max_steps"):
         PhaseSchedule(schedule="linear", total_steps=None)
+
+
+def test_terse_instruction_keeps_the_template_answer_format(policy):
+    samples = [_volume_sample("a", [8, 16, 2, 40, 48, 10]), _image_sample("b", [10, 20, 60, 70])]
+    full = GroundingPrompter(policy, template="chain_of_box", system_prompt="").build(samples)
+    terse = GroundingPrompter(policy, template="chain_of_box", system_prompt="", instruction="terse").build(
+        samples
+    )
+    for prompt in terse.prompts:
+        assert "each time you name a region of interest" not in prompt and "<think>" not in prompt
+    assert terse.prompts[0].endswith("Find the lesion.<|im_end|>\n<|im_start|>assistant\n")
+    assert terse.prompts[1].endswith("Find the left lung opacity.<|im_end|>\n<|im_start|>assistant\n")
+    assert "each time you name a region of interest" in full.prompts[1]
+    # the byte-level tiny tokenizer: the Chain-of-Box instruction is hundreds of tokens, the terse one a few
+    assert full.inputs["input_ids"].shape[1] - terse.inputs["input_ids"].shape[1] > 400
+    # same target answers: <think>…</think> then the JSON answer, as the strict format rule wants
+    assert (
+        terse.answers
+        == full.answers
+        == [
+            '<think></think><answer>{"bbox_3d": [7, 14, 2, 35, 42, 10]}</answer>',
+            '<think></think><answer>{"bbox_2d": [10, 20, 60, 70]}</answer>',
+        ]
+    )
+
+
+def test_coarse_box_trail_by_hand(policy):
+    # text boxes [7, 14, 2, 35, 42, 10] (64 → 56 voxels: × 7/8) and [10, 20, 60, 70] (identity frame);
+    # widened to the 8 × 8 × 4 grid: x 7 → 0, 35 → 40; y 14 → 8, 42 → 48; z 2 → 0, 10 → 12 and
+    # 2D x 10 → 8, 60 → 64; y 20 → 16, 70 → 72 (2D uses the first two sizes of trail_grid)
+    prompter = GroundingPrompter(policy, template="chain_of_box", warm_start_reasoning="coarse_box")
+    batch = prompter.build(
+        [_volume_sample("a", [8, 16, 2, 40, 48, 10]), _image_sample("b", [10, 20, 60, 70])]
+    )
+    assert batch.answers == [
+        '<think>the lesion [0, 8, 0, 40, 48, 12]</think><answer>{"bbox_3d": [7, 14, 2, 35, 42, 10]}</answer>',
+        '<think>the lesion [8, 16, 64, 72]</think><answer>{"bbox_2d": [10, 20, 60, 70]}</answer>',
+    ]
+    # a coarser grid, and the 2D far border: y 70 → 84 (not 96: the 112 × 84 grid ends there)
+    coarse = GroundingPrompter(
+        policy, template="chain_of_box", warm_start_reasoning="coarse_box", trail_grid=(32, 28)
+    )
+    assert coarse.build([_image_sample("b", [10, 20, 60, 70])]).answers == [
+        '<think>the lesion [0, 0, 64, 84]</think><answer>{"bbox_2d": [10, 20, 60, 70]}</answer>'
+    ]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"instruction": "full"}, "instruction"),
+        ({"warm_start_reasoning": "boxes"}, "warm_start_reasoning"),
+        ({"trail_grid": (8,)}, "trail_grid"),
+        ({"trail_grid": (8, 0, 4)}, "trail_grid"),
+        ({"trail_grid": (8.0, 8)}, "trail_grid"),
+    ],
+)
+def test_bad_chain_of_box_settings_are_refused(policy, kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        GroundingPrompter(policy, template="chain_of_box", **kwargs)

@@ -89,7 +89,20 @@ class PolicyConfig:
 
 @dataclass
 class PromptConfig:
-    """How a sample is asked: template, how volumes are shown, the token budget, laterality hint, parsing."""
+    """How a sample is asked: template, how volumes are shown, the token budget, laterality hint, parsing.
+
+    Args:
+        instruction: the user turn. ``template`` is the template's own instruction; ``terse`` asks
+            "Find {phrase}." (the ``terse`` template's wording) while keeping the template's answer format and
+            ``<think>`` tags — for tiny byte-level models, where the ``chain_of_box`` instruction is ~700
+            tokens and makes every step about 10× slower.
+        warm_start_reasoning: what the supervised warm start writes inside ``<think>`` for think templates:
+            ``empty`` (``<think></think>``), or ``coarse_box`` — a box trail ``the lesion [coarse box]``, the
+            answer box widened outward to ``trail_grid``, so a Chain-of-Box model learns to write a box the
+            ``chain_of_box`` reward can score.
+        trail_grid: coarse cell size per text-grid axis (x, y[, z]) of that trail box; 2 or 3 positive
+            integers (2D samples use the first two).
+    """
 
     template: Literal["terse", "plain", "r1", "chain_of_box"] = "r1"
     volume_strategy: Literal["video", "slices", "montage"] = "video"
@@ -97,6 +110,34 @@ class PromptConfig:
     laterality: bool = False
     parse_mode: Literal["lenient", "strict"] = "lenient"
     system_prompt: str | None = None
+    instruction: Literal["template", "terse"] = "template"
+    warm_start_reasoning: Literal["empty", "coarse_box"] = "empty"
+    # A tuple default, not a default factory: a config pickled into a checkpoint before this field existed
+    # then reads the class attribute (mg3d's safe checkpoint loader refuses classes with a __setstate__).
+    trail_grid: tuple[int, ...] = (8, 8, 4)
+
+    def __post_init__(self) -> None:
+        if self.instruction not in ("template", "terse"):
+            raise ConfigError(f"prompt.instruction must be 'template' or 'terse', got {self.instruction!r}")
+        if self.warm_start_reasoning not in ("empty", "coarse_box"):
+            raise ConfigError(
+                f"prompt.warm_start_reasoning must be 'empty' or 'coarse_box', got {self.warm_start_reasoning!r}"
+            )
+        grid = self.trail_grid
+        if isinstance(grid, str):  # "8,8,4" from a command line
+            grid = [v.strip() for v in grid.split(",")]
+        try:
+            values = list(grid)
+            ok = len(values) in (2, 3) and all(
+                not isinstance(v, bool) and int(v) == float(v) and int(v) > 0 for v in values
+            )
+        except (TypeError, ValueError, OverflowError):
+            ok = False
+        if not ok:
+            raise ConfigError(
+                f"prompt.trail_grid must be 2 or 3 positive integers (x, y[, z] cell sizes), got {self.trail_grid!r}"
+            )
+        self.trail_grid = tuple(int(v) for v in values)
 
 
 @dataclass
