@@ -294,3 +294,27 @@ def test_synthetic_m3d_layout_through_prepare_and_datamodule(tmp_path):
         if mask.any():
             np.testing.assert_allclose(mask_to_box(mask[0].numpy()), target[0], atol=1.0)
         np.testing.assert_allclose(frame.to_voxel(frame.to_text(boxes)), boxes, atol=1e-9)
+
+
+def test_changed_phantom_settings_are_refused_not_silently_reused(tmp_path):
+    """A source folder with a manifest is reused; if its phantoms were written with other settings than the
+    config now asks for, prepare_data stops naming the setting instead of training on the old phantoms."""
+    folder = tmp_path / "ct3d"
+    options = {"shape": [32, 32, 16], "single_lesion": True}
+
+    def module(**changes):
+        spec = {"kind": "ct3d", "n": 2, "seed": 1, "questions_per_region": [1, 0], "options": dict(options)}
+        spec.update(changes)
+        return GroundingDataModule([SourceConfig(str(folder), synthetic=spec)], cache="none")
+
+    module().prepare_data()
+    written = (folder / "train.jsonl").stat().st_mtime_ns
+    module().prepare_data()  # same settings (lists vs the tuples on disk, ints vs floats): reused as is
+    assert (folder / "train.jsonl").stat().st_mtime_ns == written
+    with pytest.raises(ConfigError, match=r"options\.lesion_contrast_hu: None on disk, \[300, 500\] in the config"):
+        module(options={**options, "lesion_contrast_hu": [300, 500]}).prepare_data()
+    with pytest.raises(ConfigError, match=r"source ct3d: .*seed: 1 on disk, 2 in the config; n: 2 on disk, 3"):
+        module(n=3, seed=2).prepare_data()
+    # a folder without the generator's truth file (a user's own manifests) is not second-guessed
+    (folder / "raw" / "phantom_truth.json").unlink()
+    module(n=3).prepare_data()

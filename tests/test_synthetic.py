@@ -202,6 +202,34 @@ def test_hu_ranges_are_plausible() -> None:
         assert reg.mean_hu == pytest.approx(vol[ph.mask == reg.region_id].mean())
 
 
+def test_lesion_contrast_sets_the_lesion_hu_from_the_host() -> None:
+    """With ``lesion_contrast_hu`` a lesion is its host's HU ∓ the drawn contrast (mean over the mask, blurred by
+    the 0.8 mm smoothing and noise, so checked against the range with a margin); without it the phantom is the
+    same draw as before, lesion for lesion."""
+    host_hu = {"liver": 60, "spleen": 50, "right lung": -850, "left lung": -850, "soft tissue": 40}
+    seen = 0
+    for seed in range(6):
+        plain = generate_ct_case(np.random.default_rng(seed), single_lesion=True, shape=(64, 64, 16))
+        bright = generate_ct_case(
+            np.random.default_rng(seed), single_lesion=True, shape=(64, 64, 16), lesion_contrast_hu=(300, 500)
+        )
+        a, b = plain.regions[0], bright.regions[0]
+        # one HU draw either way: same site, density, shape and mask; only the intensity differs
+        assert (a.site, a.density, a.box_voxel) == (b.site, b.density, b.box_voxel)
+        np.testing.assert_array_equal(plain.mask, bright.mask)
+        host = host_hu.get(b.site, 40)  # kidney lesions sit in the soft tissue next to the kidney
+        delta = b.mean_hu - host if b.density == "hyperdense" else host - b.mean_hu
+        assert 200 < delta < 520, (b.site, b.density, b.mean_hu)
+        seen += 1
+    assert seen == 6
+
+
+@pytest.mark.parametrize("contrast", [(0, 10), (500, 300), (100,), (100, float("inf"))])
+def test_bad_lesion_contrast(contrast: tuple) -> None:
+    with pytest.raises(ConfigError, match="lesion_contrast_hu"):
+        generate_ct_case(np.random.default_rng(0), lesion_contrast_hu=contrast)
+
+
 def test_single_lesion_mode() -> None:
     for seed in range(4):
         ph = generate_ct_case(np.random.default_rng(seed), single_lesion=True, shape=(64, 64, 16))

@@ -101,6 +101,36 @@ class SyntheticConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+def stale_phantom_settings(folder: Path, spec: SyntheticConfig) -> list[str]:
+    """How the phantoms already written in ``folder`` differ from ``spec`` (empty when they match).
+
+    The DataModule reuses a folder that has a manifest, so a config whose phantom settings changed (say, the demo's
+    lesion contrast) would otherwise train on the old phantoms without a word. Folders without the generator's
+    ``raw/phantom_truth.json`` (a user's own data) are not checked.
+    """
+    from mg3d.data.synthetic import TRUTH_NAME
+
+    truth_path = folder / "raw" / TRUTH_NAME
+    if not truth_path.is_file():
+        return []
+    try:
+        truth = json.loads(truth_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{truth_path}: cannot read the phantoms' settings ({err})") from err
+    wanted: dict[str, Any] = {"kind": spec.kind, "seed": spec.seed, "n": spec.n}
+    have: dict[str, Any] = {k: truth.get(k) for k in wanted}
+    if spec.kind == "ct3d" and spec.questions_per_region is not None:
+        wanted["questions_per_region"] = spec.questions_per_region
+        have["questions_per_region"] = truth.get("questions_per_region")
+    stored_options = truth.get("options") or {}
+    for key, value in spec.options.items():
+        wanted[f"options.{key}"] = value
+        have[f"options.{key}"] = stored_options.get(key)
+    # JSON round trip: tuples and lists, ints and floats compare as the file stores them
+    wanted, have = json.loads(json.dumps(wanted)), json.loads(json.dumps(have))
+    return [f"{k}: {have[k]!r} on disk, {wanted[k]!r} in the config" for k in wanted if have[k] != wanted[k]]
+
+
 @dataclass
 class SourceConfig:
     """One manifest source.
@@ -531,7 +561,15 @@ class GroundingDataModule(L.LightningDataModule):
         for source in self.sources:
             spec = source.synthetic
             folder = Path(source.path)
-            if spec is None or (folder / "train.jsonl").is_file():
+            if spec is None:
+                continue
+            if (folder / "train.jsonl").is_file():
+                stale = stale_phantom_settings(folder, spec)
+                if stale:
+                    raise ConfigError(
+                        f"source {source.label}: {folder} already holds phantoms written with other settings "
+                        f"({'; '.join(stale)}); delete that folder to write them anew, or point `path` elsewhere"
+                    )
                 continue
             log.info("writing %d synthetic %s phantoms to %s (first use)", spec.n, spec.kind, folder)
             adapters = synthetic_sources(

@@ -191,6 +191,13 @@ class CTOptions:
     left, j posterior, k superior — the affine ``diag(-sx, -sy, sz)`` in nibabel's RAS+ world).
     ``center_mm`` is the world position of the volume centre, so the origin is non-zero and the same
     anatomy lands at the same world position in every orientation.
+
+    ``lesion_contrast_hu`` (low, high): when set, a lesion's HU is its host tissue's HU minus (hypodense) or
+    plus (hyperdense) a contrast drawn from this range, instead of the site's typical HU range. The
+    typical ranges are realistic and therefore subtle (a hypodense liver lesion is 35–60 HU below the
+    liver, i.e. 2–3 % of the ``wide`` window); a conspicuous setting such as ``(300, 500)`` makes every
+    lesion visible to a tiny model in minutes (the CPU demo). ``None`` keeps the default phantoms
+    bit-identical to earlier versions.
     """
 
     shape: tuple[int, int, int] = (96, 96, 48)
@@ -201,6 +208,7 @@ class CTOptions:
     max_lesions: int = 4
     single_lesion: bool = False
     lesion_radius_mm: tuple[float, float] = (3.0, 12.0)
+    lesion_contrast_hu: tuple[float, float] | None = None
     noise_hu: float = 20.0
     smoothing_mm: float = 0.8
 
@@ -226,6 +234,13 @@ class CTOptions:
             raise ConfigError(
                 f"lesion_radius_mm must be (low, high) with 0 < low ≤ high, got {self.lesion_radius_mm}"
             )
+        if self.lesion_contrast_hu is not None:
+            contrast = tuple(float(v) for v in self.lesion_contrast_hu)
+            if len(contrast) != 2 or not (math.isfinite(contrast[1]) and 0 < contrast[0] <= contrast[1]):
+                raise ConfigError(
+                    f"lesion_contrast_hu must be (low, high) HU with 0 < low ≤ high, got {self.lesion_contrast_hu}"
+                )
+            object.__setattr__(self, "lesion_contrast_hu", contrast)
         if not (self.noise_hu >= 0 and self.smoothing_mm >= 0):
             raise ConfigError(
                 f"noise_hu and smoothing_mm must be ≥ 0, got {self.noise_hu}, {self.smoothing_mm}"
@@ -496,6 +511,19 @@ def _rasterise(
     return sl, inside
 
 
+def _lesion_hu(
+    rng: np.random.Generator, site: str, density: str, contrast: tuple[float, float] | None
+) -> float:
+    """A lesion's HU: the site's typical range, or its host tissue's HU ∓ a drawn contrast (one draw either way,
+    so the rest of the case is the same random sequence)."""
+    if contrast is None:
+        return float(rng.uniform(*_SITES[site]["hu"][density]))
+    # a kidney lesion sits next to the kidney, in the surrounding soft tissue
+    host = _ORGAN_HU[ORGAN_LABELS["soft tissue" if "kidney" in site else site]]
+    delta = float(rng.uniform(*contrast))
+    return host - delta if density == "hypodense" else host + delta
+
+
 def _place_lesions(
     rng: np.random.Generator, grid: _Grid, anatomy: _Anatomy, n: int, opts: CTOptions
 ) -> tuple[np.ndarray, list[_Lesion]] | None:
@@ -536,7 +564,7 @@ def _place_lesions(
             labels[sl][inside] = rid
             density_choices = list(_SITES[site]["hu"])
             density = density_choices[int(rng.integers(len(density_choices)))]
-            hu = float(rng.uniform(*_SITES[site]["hu"][density]))
+            hu = _lesion_hu(rng, site, density, opts.lesion_contrast_hu)
             ratio = float(np.max(radii) / np.min(radii))
             shape = "lobulated" if lobulated else ("round" if ratio < 1.3 else "oval")
             lesions.append(_Lesion(site, density, shape, hu))
