@@ -300,7 +300,7 @@ def test_changed_phantom_settings_are_refused_not_silently_reused(tmp_path):
     """A source folder with a manifest is reused; if its phantoms were written with other settings than the
     config now asks for, prepare_data stops naming the setting instead of training on the old phantoms."""
     folder = tmp_path / "ct3d"
-    options = {"shape": [32, 32, 16], "single_lesion": True}
+    options = {"shape": [32, 32, 16], "single_lesion": True, "question_style": "phrase"}
 
     def module(**changes):
         spec = {"kind": "ct3d", "n": 2, "seed": 1, "questions_per_region": [1, 0], "options": dict(options)}
@@ -315,6 +315,8 @@ def test_changed_phantom_settings_are_refused_not_silently_reused(tmp_path):
         module(options={**options, "lesion_contrast_hu": [300, 500]}).prepare_data()
     with pytest.raises(ConfigError, match=r"source ct3d: .*seed: 1 on disk, 2 in the config; n: 2 on disk, 3"):
         module(n=3, seed=2).prepare_data()
+    with pytest.raises(ConfigError, match=r"options\.question_style: 'phrase' on disk, 'question' in the config"):
+        module(options={**options, "question_style": "question"}).prepare_data()
     # a folder without the generator's truth file (a user's own manifests) is not second-guessed
     (folder / "raw" / "phantom_truth.json").unlink()
     module(n=3).prepare_data()

@@ -122,10 +122,13 @@ def stale_phantom_settings(folder: Path, spec: SyntheticConfig) -> list[str]:
     if spec.kind == "ct3d" and spec.questions_per_region is not None:
         wanted["questions_per_region"] = spec.questions_per_region
         have["questions_per_region"] = truth.get("questions_per_region")
+    # generator options are CTOptions/CXROptions fields (truth["options"]) or writer arguments (top level, e.g.
+    # question_style); one the file does not record (written by an older version) cannot be compared
     stored_options = truth.get("options") or {}
     for key, value in spec.options.items():
-        wanted[f"options.{key}"] = value
-        have[f"options.{key}"] = stored_options.get(key)
+        if key in stored_options or key in truth:
+            wanted[f"options.{key}"] = value
+            have[f"options.{key}"] = stored_options[key] if key in stored_options else truth[key]
     # JSON round trip: tuples and lists, ints and floats compare as the file stores them
     wanted, have = json.loads(json.dumps(wanted)), json.loads(json.dumps(have))
     return [f"{k}: {have[k]!r} on disk, {wanted[k]!r} in the config" for k in wanted if have[k] != wanted[k]]

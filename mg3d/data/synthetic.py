@@ -988,6 +988,7 @@ def make_ct3d(
         "n": int(n),
         "options": {f.name: getattr(opts, f.name) for f in fields(CTOptions)},
         "questions_per_region": [n0, n1],
+        "question_style": question_style,
         "box_convention": "voxel frame of the stored NIfTI (i, j, k), half-open [lo_i, lo_j, lo_k, hi_i, hi_j, hi_k]",
         "npy": {
             "dir": os.path.relpath(npy_root, out),
