@@ -2,7 +2,7 @@
 
 Run by hand after one demo run per seed (each writes ``grpo_summary.json`` into its log folder)::
 
-    .venv/bin/python bench/demo_report.py runs/lightning_logs/version_0 runs/lightning_logs/version_1 ... \
+    .venv/bin/python bench/demo_report.py runs/demo_s0/lightning_logs/version_0 runs/demo_s1/lightning_logs/version_0 ... \
         --data data/demo/ct3d
 
 Why a baseline: the demo's single-lesion phantoms put lesions in a few organs, so lesion positions cluster and a

@@ -4,7 +4,9 @@ Subclassed only to set mg3d's defaults (seeded runs, CSV + TensorBoard loggers, 
 checkpoint for exact resume, atomic checkpoint writes), to link arguments that must agree between the
 model and the data, and to read ``--ckpt_path`` safely.
 
-Checkpoints live in one fixed folder per run, ``<trainer.default_root_dir>/checkpoints``: a ``ModelCheckpoint``
+Logs and checkpoints of a run live under its ``trainer.default_root_dir``: the default CSV and TensorBoard loggers
+write to ``<default_root_dir>/lightning_logs/version_N`` and ``<default_root_dir>/tensorboard`` (``runs/…`` when no
+root is set), and checkpoints to one fixed folder, ``<trainer.default_root_dir>/checkpoints``: a ``ModelCheckpoint``
 without a ``dirpath`` would otherwise write into the logger's ``version_N`` folder, and a restarted run (a new
 version) would not find the previous run's ``last.ckpt`` with ``--ckpt_path last``.
 """
@@ -26,10 +28,35 @@ from mg3d.checkpointing import with_atomic_checkpoint_io
 from mg3d.data.datamodule import GroundingDataModule
 from mg3d.grpo.module import GRPOModule
 
-__all__ = ["CHECKPOINT_FOLDER", "MG3DCLI", "fix_checkpoint_dirs", "main"]
+__all__ = ["CHECKPOINT_FOLDER", "MG3DCLI", "fix_checkpoint_dirs", "follow_default_root_dir", "main"]
 
 #: Where checkpoints without their own ``dirpath`` go, under the trainer's ``default_root_dir``.
 CHECKPOINT_FOLDER = "checkpoints"
+#: save_dir of the default loggers when the run names no ``default_root_dir``.
+_DEFAULT_LOG_ROOT = "runs"
+_LOGGER_SUBDIRS = {"CSVLogger": "", "TensorBoardLogger": "tensorboard"}
+
+
+def follow_default_root_dir(trainer_config: Any) -> None:
+    """Point mg3d's *default* loggers (still at their default ``save_dir``) at ``trainer.default_root_dir``,
+    in the parsed (not yet instantiated) trainer config, so a run's logs sit beside its checkpoints.
+
+    A logger the user configured with another ``save_dir`` is left alone. Lightning has no interpolation for
+    this, and setting the folders after the loggers exist would mean writing their private attributes.
+    """
+    root = trainer_config.get("default_root_dir")
+    loggers = trainer_config.get("logger")
+    if not root or not isinstance(loggers, list):
+        return
+    for logger in loggers:
+        class_path = str(logger.get("class_path", "")) if hasattr(logger, "get") else ""
+        sub = _LOGGER_SUBDIRS.get(class_path.rsplit(".", 1)[-1])
+        init_args = logger.get("init_args") if sub is not None else None
+        if init_args is None:
+            continue
+        default = os.path.join(_DEFAULT_LOG_ROOT, sub) if sub else _DEFAULT_LOG_ROOT
+        if os.path.normpath(str(init_args.get("save_dir"))) == os.path.normpath(default):
+            init_args["save_dir"] = os.path.join(str(root), sub) if sub else str(root)
 
 
 def fix_checkpoint_dirs(trainer: Trainer) -> list[ModelCheckpoint]:
@@ -64,10 +91,14 @@ class MG3DCLI(LightningCLI):
                 "trainer.logger": [
                     # CSV first: its folder is trainer.log_dir (summaries, completions, skipped.json go there;
                     # checkpoints go to <default_root_dir>/checkpoints, see fix_checkpoint_dirs).
-                    {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
+                    # Both follow trainer.default_root_dir when one is set (follow_default_root_dir).
+                    {
+                        "class_path": "lightning.pytorch.loggers.CSVLogger",
+                        "init_args": {"save_dir": _DEFAULT_LOG_ROOT},
+                    },
                     {
                         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                        "init_args": {"save_dir": "runs/tensorboard"},
+                        "init_args": {"save_dir": os.path.join(_DEFAULT_LOG_ROOT, "tensorboard")},
                     },
                 ],
                 "trainer.callbacks": [
@@ -82,6 +113,12 @@ class MG3DCLI(LightningCLI):
                 "trainer.use_distributed_sampler": False,
             }
         )
+
+    def before_instantiate_classes(self) -> None:
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        if config.get("trainer") is not None:
+            follow_default_root_dir(config["trainer"])
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI's merge of the hyper-parameters saved in an explicit ``--ckpt_path`` file, but read with

@@ -140,9 +140,10 @@ def test_restarted_run_resumes_with_ckpt_path_last(phantoms, tmp_path):
     second = run(6, "--ckpt_path", "last")
     assert f"Restoring states from the checkpoint path at {last}" in second.stdout + second.stderr
     assert _load(last)["global_step"] == 6
-    versions = sorted(p.name for p in (tmp_path / "runs" / "lightning_logs").iterdir())
+    logs = tmp_path / "runs" / "demo" / "lightning_logs"  # the loggers follow default_root_dir too
+    versions = sorted(p.name for p in logs.iterdir())
     assert versions == ["version_0", "version_1"]  # where Lightning's default dirpath would have looked
-    with (tmp_path / "runs" / "lightning_logs" / "version_1" / "metrics.csv").open(
+    with (logs / "version_1" / "metrics.csv").open(
         encoding="utf-8"
     ) as handle:
         rows = list(csv.DictReader(handle))

@@ -222,6 +222,32 @@ def test_train_script_fit_logs_and_checkpoints(phantom_source, tmp_path):
     assert not any(k.startswith("_ref_model") for k in state["state_dict"])
 
 
+def test_default_loggers_follow_default_root_dir(tmp_path, monkeypatch):
+    """Logs sit beside the run's checkpoints under ``default_root_dir``; ``runs/`` when none is set; a logger the
+    user pointed elsewhere stays where it was pointed."""
+    from mg3d.cli import main
+
+    monkeypatch.chdir(tmp_path)
+
+    def log_dirs(*args: str) -> list[str]:
+        cli = main(["--config", str(ROOT / "configs" / "demo.yaml"), *args], run=False)
+        return [os.path.relpath(logger.log_dir, tmp_path) for logger in cli.trainer.loggers]
+
+    assert log_dirs(f"--trainer.default_root_dir={tmp_path / 'exp'}") == [
+        os.path.join("exp", "lightning_logs", "version_0"),
+        os.path.join("exp", "tensorboard", "lightning_logs", "version_0"),
+    ]
+    assert log_dirs("--trainer.default_root_dir=null") == [
+        os.path.join("runs", "lightning_logs", "version_0"),
+        os.path.join("runs", "tensorboard", "lightning_logs", "version_0"),
+    ]
+    assert log_dirs(
+        f"--trainer.default_root_dir={tmp_path / 'exp'}",
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.save_dir={tmp_path / 'mine'}",
+    ) == [os.path.join("mine", "lightning_logs", "version_0")]
+
+
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 
 
