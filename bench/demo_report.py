@@ -31,17 +31,28 @@ STAGES = ("warm_start", "after_grpo")
 METRICS = ("greedy/mIoU", "greedy/acc@0.5", "sampled/mIoU", "sampled/acc@0.5")
 
 
-def first_boxes(manifest: Path) -> np.ndarray:
-    """The first (only) target box of every record, voxel frame, as an ``(N, 2·ndim)`` array."""
-    records = read_manifest(manifest)
+def first_boxes(
+    manifest: Path, max_samples: int | None = None, shape: tuple[int, ...] | None = None
+) -> np.ndarray:
+    """The first (only) target box of every record (the first ``max_samples`` records, as the demo's in-run
+    evaluation takes them), as an ``(N, 2·ndim)`` array in the voxel frame of an image of ``shape`` (default:
+    the first record's).
+
+    Records of other shapes (MS-CXR images each have their own size) are scaled per axis to ``shape``: the
+    demo pipelines stretch every image to one model grid (``fit: resize``), and IoU does not change under a
+    per-axis scaling, so one box then means the same place in every image, as it does on the model's grid.
+    """
+    records = read_manifest(manifest)[:max_samples]
     if not records:
         raise SystemExit(f"{manifest}: no records")
-    shapes = {tuple(r.spatial_shape) for r in records}
-    if len(shapes) != 1:
-        raise SystemExit(
-            f"{manifest}: records of several shapes {sorted(shapes)}; a constant box is meaningless"
-        )
-    return np.array([r.boxes[0] for r in records], dtype=float)
+    ref = np.asarray(shape or records[0].spatial_shape, dtype=float)
+    if {len(r.spatial_shape) for r in records} != {len(ref)}:
+        raise SystemExit(f"{manifest}: records of different dimensionality; a constant box is meaningless")
+    out = []
+    for r in records:
+        scale = ref / np.asarray(r.spatial_shape, dtype=float)
+        out.append(np.asarray(r.boxes[0], dtype=float) * np.concatenate([scale, scale]))
+    return np.array(out)
 
 
 def mean_iou(box: np.ndarray, targets: np.ndarray) -> float:
@@ -84,7 +95,7 @@ def _ms(values: list[float]) -> str:
     )
 
 
-def report(runs: list[Path], data: Path) -> str:
+def report(runs: list[Path], data: Path, max_samples: int | None = None) -> str:
     summaries = [load_summary(r) for r in runs]
     lines = [
         "| run | stage | step | " + " | ".join(METRICS) + " |",
@@ -104,7 +115,8 @@ def report(runs: list[Path], data: Path) -> str:
         lines.append(
             f"| {m} | {_ms(before)} | {_ms(after)} | {'+' if statistics.mean(gain) >= 0 else ''}{_ms(gain)} |"
         )
-    train = first_boxes(data / "train.jsonl")
+    shape = tuple(read_manifest(data / "train.jsonl")[0].spatial_shape)  # one frame for every split
+    train = first_boxes(data / "train.jsonl", shape=shape)
     median_box = np.round(np.median(train, axis=0))
     constant = best_constant_box(train)
     nd = train.shape[1] // 2
@@ -116,7 +128,7 @@ def report(runs: list[Path], data: Path) -> str:
         "| box | " + " | ".join(f"{split} mIoU" for split in ("val", "test")) + " |",
         "| --- | --- | --- |",
     ]
-    splits = {split: first_boxes(data / f"{split}.jsonl") for split in ("val", "test")}
+    splits = {split: first_boxes(data / f"{split}.jsonl", max_samples, shape) for split in ("val", "test")}
     centred = {}
     for split, boxes in splits.items():
         centre = (boxes[:, :nd] + boxes[:, nd:]) / 2
@@ -148,8 +160,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--data", type=Path, default=Path("data/demo/ct3d"), help="the demo's prepared manifests"
     )
+    parser.add_argument(
+        "--max-samples",
+        type=int,
+        default=None,
+        help="score the first N held-out records (model.evaluation.max_samples)",
+    )
     args = parser.parse_args(argv)
-    print(report(args.runs, args.data))
+    print(report(args.runs, args.data, args.max_samples))
     print(f"\nCommand: `{shlex.join(['python', 'bench/demo_report.py', *(argv or sys.argv[1:])])}`")
     return 0
 

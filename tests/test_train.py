@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 
@@ -58,6 +59,15 @@ def trainer(tmp: Path, max_steps: int, **kwargs) -> pl.Trainer:
     )  # fmt: skip
     defaults.update(kwargs)
     return pl.Trainer(**defaults)
+
+
+def test_predict_samples_works_without_a_trainer(phantom_source):
+    """Scripts and notebooks call ``predict_samples`` on a module that was never attached to a Trainer."""
+    dm = make_datamodule(phantom_source)
+    dm.setup("fit")
+    samples = dm.eval_samples(2)
+    _, texts, ious = make_module().predict_samples(samples, max_new_tokens=4)
+    assert len(texts) == 2 and ious.shape == (2,) and np.all((ious >= 0) & (ious <= 1))
 
 
 def test_format_summary_table():

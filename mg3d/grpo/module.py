@@ -200,7 +200,7 @@ class GRPOModule(pl.LightningModule):
 
     def _rollout_backend(self) -> HFRolloutBackend:
         if self._backend is None:
-            rank = self.global_rank if self.trainer is not None else 0
+            rank = self.global_rank if self._trainer is not None else 0  # the property raises when detached
             self._backend = HFRolloutBackend(self.policy, seed=self.sampling_seed, rank=rank)
         return self._backend
 
