@@ -457,7 +457,9 @@ class AxisAffineStep:
     def then(self, other: AxisAffineStep) -> AxisAffineStep:
         """The composition ``other ∘ self`` as one step."""
         if other.in_shape != self.out_shape:
-            raise BoxError(f"cannot compose {self.name} (out {self.out_shape}) with {other.name} (in {other.in_shape})")
+            raise BoxError(
+                f"cannot compose {self.name} (out {self.out_shape}) with {other.name} (in {other.in_shape})"
+            )
         d = self.ndim
         perm, scale, offset = [], [], []
         for a in range(d):
@@ -466,7 +468,12 @@ class AxisAffineStep:
             scale.append(other.scale[a] * self.scale[mid])
             offset.append(other.scale[a] * self.offset[mid] + other.offset[a])
         return AxisAffineStep(
-            f"{self.name}+{other.name}", self.in_shape, other.out_shape, tuple(perm), tuple(scale), tuple(offset)
+            f"{self.name}+{other.name}",
+            self.in_shape,
+            other.out_shape,
+            tuple(perm),
+            tuple(scale),
+            tuple(offset),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -523,7 +530,10 @@ class AffineStep:
     def inverse(self) -> AffineStep:
         inv = np.linalg.inv(np.asarray(self.matrix, dtype=np.float64))
         return AffineStep(
-            f"inverse({self.name})", self.out_shape, self.in_shape, tuple(tuple(float(v) for v in r) for r in inv)
+            f"inverse({self.name})",
+            self.out_shape,
+            self.in_shape,
+            tuple(tuple(float(v) for v in r) for r in inv),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -576,7 +586,9 @@ def flip_step(shape: Sequence[int], axes: Sequence[int]) -> AxisAffineStep:
         if not 0 <= a < len(shape):
             raise BoxError(f"flip: axis {a} out of range for shape {shape}")
         scale[a], offset[a] = -1.0, float(shape[a])
-    return AxisAffineStep("flip", shape, shape, tuple(perm), tuple(scale), tuple(offset), {"axes": list(axes)})
+    return AxisAffineStep(
+        "flip", shape, shape, tuple(perm), tuple(scale), tuple(offset), {"axes": list(axes)}
+    )
 
 
 def rot90_step(shape: Sequence[int], k: int = 1, axes: tuple[int, int] = (0, 1)) -> AxisAffineStep:
@@ -605,7 +617,13 @@ def rot90_step(shape: Sequence[int], k: int = 1, axes: tuple[int, int] = (0, 1))
         perm, scale, offset = _identity_parts(d)
         step = AxisAffineStep("rot90", shape, shape, tuple(perm), tuple(scale), tuple(offset))
     return AxisAffineStep(
-        "rot90", step.in_shape, step.out_shape, step.perm, step.scale, step.offset, {"k": k, "axes": list(axes)}
+        "rot90",
+        step.in_shape,
+        step.out_shape,
+        step.perm,
+        step.scale,
+        step.offset,
+        {"k": k, "axes": list(axes)},
     )
 
 
@@ -698,7 +716,9 @@ def respace_step(
     shape = _shape(shape, "respace")
     d = len(shape)
     if len(in_spacing) != d or len(out_spacing) != d or any(s <= 0 for s in [*in_spacing, *out_spacing]):
-        raise BoxError(f"respace: spacings {in_spacing} -> {out_spacing} must be positive, one per axis of {shape}")
+        raise BoxError(
+            f"respace: spacings {in_spacing} -> {out_spacing} must be positive, one per axis of {shape}"
+        )
     ratio = [float(i) / float(o) for i, o in zip(in_spacing, out_spacing)]
     shift = [0.0] * d if origin_shift is None else [float(s) for s in origin_shift]
     out = (
@@ -779,7 +799,9 @@ class CoordinateFrame:
         if not self.exact:
             raise BoxError("composed(): the frame contains a general affine step; map step by step")
         perm, scale, offset = _identity_parts(self.ndim)
-        total = AxisAffineStep("identity", self.source_shape, self.source_shape, tuple(perm), tuple(scale), tuple(offset))
+        total = AxisAffineStep(
+            "identity", self.source_shape, self.source_shape, tuple(perm), tuple(scale), tuple(offset)
+        )
         for step in self.steps:
             total = total.then(step)  # type: ignore[arg-type]
         return total

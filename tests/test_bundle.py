@@ -347,7 +347,10 @@ def test_monai_run_writes_the_evaluation_boxes(bundle: Path, data, reference, tm
         assert row["box_voxel"] == (None if pred.box_voxel is None else list(pred.box_voxel))
         assert row["box_world_mm"] == (None if pred.box_world_mm is None else list(pred.box_world_mm))
         assert row["phrase"] == rec.text and row["spatial_shape"] == list(rec.spatial_shape)
-    assert sum(json.loads(p.read_text(encoding="utf-8"))["box_voxel"] is not None for p in out.glob("*.json")) >= 3
+    assert (
+        sum(json.loads(p.read_text(encoding="utf-8"))["box_voxel"] is not None for p in out.glob("*.json"))
+        >= 3
+    )
 
 
 @pytest.mark.slow
@@ -424,7 +427,11 @@ def test_evaluate_script_gives_the_bundle_boxes(bundle: Path, data, reference, t
         cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [
+        json.loads(line)
+        for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    ]
     assert [r["id"] for r in rows] == [p.id for p in reference]
     assert [r["completion"] for r in rows] == [p.completion for p in reference]
     assert [r["box_voxel"] for r in rows] == [

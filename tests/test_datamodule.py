@@ -221,7 +221,9 @@ def test_disk_cache_is_reused(sources, tmp_path, monkeypatch):
 def test_single_manifest_file_is_split_by_field(tmp_path):
     root = make_cxr_source(tmp_path / "one", n=2, splits=("train", "test"))
     # one file holding both splits, beside the images its relative paths point to
-    (root / "all.jsonl").write_text((root / "train.jsonl").read_text(encoding="utf-8") + (root / "test.jsonl").read_text(encoding="utf-8"))
+    (root / "all.jsonl").write_text(
+        (root / "train.jsonl").read_text(encoding="utf-8") + (root / "test.jsonl").read_text(encoding="utf-8")
+    )
     src = SourceConfig(str(root / "all.jsonl"), pipeline=PipelineConfig(spatial_size=(24, 20)))
     assert [r.id for r in load_source_records(src, "test")] == ["synthetic2d/test/0", "synthetic2d/test/1"]
     assert load_source_records(src, "val") == []
@@ -311,11 +313,17 @@ def test_changed_phantom_settings_are_refused_not_silently_reused(tmp_path):
     written = (folder / "train.jsonl").stat().st_mtime_ns
     module().prepare_data()  # same settings (lists vs the tuples on disk, ints vs floats): reused as is
     assert (folder / "train.jsonl").stat().st_mtime_ns == written
-    with pytest.raises(ConfigError, match=r"options\.lesion_contrast_hu: None on disk, \[300, 500\] in the config"):
+    with pytest.raises(
+        ConfigError, match=r"options\.lesion_contrast_hu: None on disk, \[300, 500\] in the config"
+    ):
         module(options={**options, "lesion_contrast_hu": [300, 500]}).prepare_data()
-    with pytest.raises(ConfigError, match=r"source ct3d: .*seed: 1 on disk, 2 in the config; n: 2 on disk, 3"):
+    with pytest.raises(
+        ConfigError, match=r"source ct3d: .*seed: 1 on disk, 2 in the config; n: 2 on disk, 3"
+    ):
         module(n=3, seed=2).prepare_data()
-    with pytest.raises(ConfigError, match=r"options\.question_style: 'phrase' on disk, 'question' in the config"):
+    with pytest.raises(
+        ConfigError, match=r"options\.question_style: 'phrase' on disk, 'question' in the config"
+    ):
         module(options={**options, "question_style": "question"}).prepare_data()
     # a folder without the generator's truth file (a user's own manifests) is not second-guessed
     (folder / "raw" / "phantom_truth.json").unlink()

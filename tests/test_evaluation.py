@@ -671,7 +671,9 @@ def test_script_subprocess_rescores_exactly(tmp_path: Path) -> None:
     written = json.loads(paths["metrics_json"].read_text(encoding="utf-8"))
     assert printed == written
     assert json.loads((tmp_path / "second" / "metrics.json").read_text(encoding="utf-8")) == written
-    assert (tmp_path / "second" / "predictions.jsonl").read_text(encoding="utf-8") == paths["predictions"].read_text(encoding="utf-8")
+    assert (tmp_path / "second" / "predictions.jsonl").read_text(encoding="utf-8") == paths[
+        "predictions"
+    ].read_text(encoding="utf-8")
     assert (tmp_path / "second" / "metrics.md").exists()
 
 

@@ -222,4 +222,6 @@ def test_script_subprocess(tmp_path: Path) -> None:
         for s in summary["skipped"]["items"]
     )
     assert summary["command"][:2] == ["prepare_data.py", "m3d-refseg"]
-    assert not Path(json.loads((out / "test.jsonl").read_text(encoding="utf-8").splitlines()[0])["image"]).is_absolute()
+    assert not Path(
+        json.loads((out / "test.jsonl").read_text(encoding="utf-8").splitlines()[0])["image"]
+    ).is_absolute()

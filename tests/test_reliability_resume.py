@@ -143,9 +143,7 @@ def test_restarted_run_resumes_with_ckpt_path_last(phantoms, tmp_path):
     logs = tmp_path / "runs" / "demo" / "lightning_logs"  # the loggers follow default_root_dir too
     versions = sorted(p.name for p in logs.iterdir())
     assert versions == ["version_0", "version_1"]  # where Lightning's default dirpath would have looked
-    with (logs / "version_1" / "metrics.csv").open(
-        encoding="utf-8"
-    ) as handle:
+    with (logs / "version_1" / "metrics.csv").open(encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     steps = {int(r["step"]) for r in rows if r.get("step")}
     assert steps and min(steps) >= 4, f"the restarted run logged steps {sorted(steps)}"

@@ -437,7 +437,9 @@ def test_m3d_npy_variant(tmp_path: Path) -> None:
         assert ct.dtype == mask.dtype == np.float32
         assert ct.min() == 0.0 and ct.max() == 1.0
         assert set(np.unique(mask).tolist()) - {0.0} == {float(k) for k in entry["regions"]}
-        assert (npy_root / case / "text.json").read_text(encoding="utf-8") == (tmp_path / case / "text.json").read_text(encoding="utf-8")
+        assert (npy_root / case / "text.json").read_text(encoding="utf-8") == (
+            tmp_path / case / "text.json"
+        ).read_text(encoding="utf-8")
         for rid, reg in entry["regions"].items():
             assert reg["npy_box"] == _np_box(mask[0] == int(rid))
             # D is the NIfTI's k axis (M3D transposes (2, 0, 1)); air noise fills every slice, so the

@@ -393,12 +393,18 @@ def synthetic_sources(
     if kind == "ct3d":
         extra = {} if questions_per_region is None else {"questions_per_region": tuple(questions_per_region)}
         synthetic.make_ct3d(raw, n, gen_seed, **extra, **options)
-        return [M3DRefSegSource(raw, seed=split_seed, val_fraction=val_fraction, dataset="synthetic3d", **common)]
+        return [
+            M3DRefSegSource(raw, seed=split_seed, val_fraction=val_fraction, dataset="synthetic3d", **common)
+        ]
     if kind != "cxr2d":
         raise ConfigError(f"unknown synthetic kind {kind!r}; use 'ct3d' or 'cxr2d'")
     synthetic.make_cxr2d(raw, n, gen_seed, layout=layout, **options)
     if layout == "mscxr":
-        return [MSCXRSource(raw / synthetic.MSCXR_CSV_NAME, raw, split_seed=split_seed, dataset="synthetic2d", **common)]
+        return [
+            MSCXRSource(
+                raw / synthetic.MSCXR_CSV_NAME, raw, split_seed=split_seed, dataset="synthetic2d", **common
+            )
+        ]
     return [
         ChestXray8Source(
             raw / "BBox_List_2017.csv",
