@@ -118,7 +118,7 @@ def test_restarted_run_resumes_with_ckpt_path_last(phantoms, tmp_path):
     """Two invocations of ``scripts/train.py`` with the default checkpoint callback and the default loggers (whose
     ``version_N`` folder differs between the two): the second, given ``--ckpt_path last``, finds the first's
     ``last.ckpt`` in ``<default_root_dir>/checkpoints`` and continues from its step."""
-    source = {"path": str(phantoms), "pipeline": {"spatial_size": [28, 28, 8]}}
+    source = {"path": str(phantoms), "synthetic": None, "pipeline": {"spatial_size": [28, 28, 8]}}
 
     def run(max_steps: int, *extra: str) -> subprocess.CompletedProcess[str]:
         cmd = [
@@ -159,7 +159,7 @@ def phantoms(phantom_source) -> Path:
 
 
 def _command(phantoms: Path, ckpt_dir: Path, resume: bool, keep_all: bool = False) -> list[str]:
-    source = {"path": str(phantoms), "pipeline": {"spatial_size": [28, 28, 8]}}
+    source = {"path": str(phantoms), "synthetic": None, "pipeline": {"spatial_size": [28, 28, 8]}}
     checkpoint = {
         "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
         "init_args": {"dirpath": str(ckpt_dir), "save_last": True, "every_n_train_steps": 1,

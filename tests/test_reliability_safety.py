@@ -216,7 +216,7 @@ def test_train_script_refuses_crafted_checkpoint(ct_phantoms, tmp_path, kind):
     even with torch told to unpickle fully by default."""
     marker = tmp_path / "pwned"
     evil = _crafted(tmp_path, marker)[kind]
-    source = {"path": str(ct_phantoms), "pipeline": {"spatial_size": [28, 28, 8]}}
+    source = {"path": str(ct_phantoms), "synthetic": None, "pipeline": {"spatial_size": [28, 28, 8]}}
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
     run = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "train.py"), "fit", "--config", str(ROOT / "configs" / "demo.yaml"),

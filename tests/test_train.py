@@ -204,7 +204,7 @@ def test_ddp_two_processes_keep_weights_in_sync(phantom_source, tmp_path):
 def test_train_script_fit_logs_and_checkpoints(phantom_source, tmp_path):
     """The real entry point on tiny settings: metrics in the CSV log, a last checkpoint, the summary table."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    source = {"path": phantom_source.path, "pipeline": {"spatial_size": [28, 28, 8]}}
+    source = {"path": phantom_source.path, "synthetic": None, "pipeline": {"spatial_size": [28, 28, 8]}}
     args = [
         sys.executable, str(ROOT / "scripts" / "train.py"), "fit", "--config", str(ROOT / "configs" / "demo.yaml"),
         "--trainer.max_steps=5", "--model.warm_start.steps=2", "--model.steps_per_generation=1",
@@ -279,7 +279,7 @@ def test_paper_configs_run_with_tiny_overrides(config, phantom_source, tmp_path)
     """The GPU set-ups, loaded as written and shrunk to the tiny model and phantoms, take real steps here."""
     from mg3d.cli import main
 
-    source = {"path": phantom_source.path, "pipeline": {"spatial_size": [28, 28, 8]}}
+    source = {"path": phantom_source.path, "synthetic": None, "pipeline": {"spatial_size": [28, 28, 8]}}
     cli = main(
         [
             "--config", str(config), "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto",

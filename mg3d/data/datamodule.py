@@ -571,7 +571,9 @@ class GroundingDataModule(L.LightningDataModule):
                 if stale:
                     raise ConfigError(
                         f"source {source.label}: {folder} already holds phantoms written with other settings "
-                        f"({'; '.join(stale)}); delete that folder to write them anew, or point `path` elsewhere"
+                        f"({'; '.join(stale)}); delete that folder to write them anew, or point `path` elsewhere (a "
+                        "`--data.sources=[...]` override keeps the config's `synthetic` block unless it sets "
+                        "`synthetic: null`)"
                     )
                 continue
             log.info("writing %d synthetic %s phantoms to %s (first use)", spec.n, spec.kind, folder)
