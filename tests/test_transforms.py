@@ -11,10 +11,11 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from monai.apps.detection.transforms.box_ops import flip_boxes, resize_boxes
 from monai.data import MetaTensor
+from monai.data.utils import AFFINE_TOL
 from monai.transforms import (
     ApplyTransformToPoints,
     Flipd,
@@ -145,6 +146,11 @@ def test_orientation_step_exact(sb, affine, axcodes):
 
 @SETTINGS
 @given(sb=shape_and_box(min_size=5), affine=stored_affine(), factors=st.tuples(*[st.floats(0.6, 2.0)] * 3))
+@example(  # a pixdim within MONAI's AFFINE_TOL of the input's: MONAI keeps the grid as it is
+    sb=((8, 8, 8), np.array([0.0, 0.0, 0.0, 5.0, 5.0, 5.0])),
+    affine=np.diag([-0.8, -0.8, -0.8, 1.0]),
+    factors=(1.0, 1.0, 0.999),
+)
 def test_spacing_step_matches_resampled_mask(sb, affine, factors):
     shape, box = sb
     in_spacing = np.linalg.norm(affine[:3, :3], axis=0)
@@ -155,7 +161,11 @@ def test_spacing_step_matches_resampled_mask(sb, affine, factors):
     # MONAI's new grid spans first to last voxel centre, so a box touching the border can overhang it
     frame, _, _ = check(out, box, HALF, clip=True)
     assert frame.steps[-1].name == "respace"
-    np.testing.assert_allclose(np.linalg.norm(out[IMAGE].affine.numpy()[:3, :3], axis=0), pixdim, rtol=1e-4)
+    # MONAI skips resampling when the target affine is within monai.data.utils.AFFINE_TOL (1e-3) of the input's
+    # and the shape is unchanged (hypothesis found pixdim 0.7992 for 0.8 kept at 0.8), so that is the tolerance
+    np.testing.assert_allclose(
+        np.linalg.norm(out[IMAGE].affine.numpy()[:3, :3], axis=0), pixdim, rtol=1e-4, atol=AFFINE_TOL
+    )
 
 
 @SETTINGS
