@@ -22,6 +22,7 @@ from mg3d.model import Policy
 from mg3d.prompts import (
     ParsedCompletion,
     build_messages,
+    check_warm_start_options,
     format_completion,
     get_template,
     parse_completion,
@@ -117,17 +118,7 @@ class GroundingPrompter:
     ) -> None:
         self.policy = policy
         self.template = get_template(template)
-        if instruction not in ("template", "terse"):
-            raise ConfigError(f"instruction must be 'template' or 'terse', got {instruction!r}")
-        if warm_start_reasoning not in ("empty", "coarse_box"):
-            raise ConfigError(
-                f"warm_start_reasoning must be 'empty' or 'coarse_box', got {warm_start_reasoning!r}"
-            )
-        grid = tuple(trail_grid)
-        if len(grid) not in (2, 3) or any(
-            isinstance(g, bool) or not isinstance(g, int) or g <= 0 for g in grid
-        ):
-            raise ConfigError(f"trail_grid must be 2 or 3 positive integers, got {list(grid)!r}")
+        grid = check_warm_start_options(instruction, warm_start_reasoning, trail_grid)
         self.instruction = instruction
         self.warm_start_reasoning = warm_start_reasoning
         self.trail_grid = grid

@@ -42,6 +42,7 @@ __all__ = [
     "PromptTemplate",
     "build_instruction",
     "build_messages",
+    "check_warm_start_options",
     "format_answer",
     "format_completion",
     "get_codec",
@@ -51,6 +52,32 @@ __all__ = [
     "render_prompt",
     "strict_format_ok",
 ]
+
+
+def check_warm_start_options(
+    instruction: object, warm_start_reasoning: object, trail_grid: object, *, prefix: str = ""
+) -> tuple[int, ...]:
+    """Check the prompt's instruction / warm-start reasoning / trail grid choices; return the grid as a tuple.
+
+    One check for :class:`mg3d.grpo.config.PromptConfig` (``prefix="prompt."``, after it has read command-line
+    forms) and :class:`mg3d.grounding.GroundingPrompter`, so the two cannot drift apart.
+    """
+    if instruction not in ("template", "terse"):
+        raise ConfigError(f"{prefix}instruction must be 'template' or 'terse', got {instruction!r}")
+    if warm_start_reasoning not in ("empty", "coarse_box"):
+        raise ConfigError(
+            f"{prefix}warm_start_reasoning must be 'empty' or 'coarse_box', got {warm_start_reasoning!r}"
+        )
+    try:
+        grid = tuple(trail_grid)  # type: ignore[call-overload]
+    except TypeError:
+        grid = ()
+    if len(grid) not in (2, 3) or any(isinstance(g, bool) or not isinstance(g, int) or g <= 0 for g in grid):
+        raise ConfigError(
+            f"{prefix}trail_grid must be 2 or 3 positive integers (x, y[, z] cell sizes), got {trail_grid!r}"
+        )
+    return grid
+
 
 VisualStrategy = Literal["image", "video", "slices", "montage"]
 ParseMode = Literal["lenient", "strict"]

@@ -6,6 +6,7 @@ a typo in a YAML key is an error at start-up rather than a silently ignored sett
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -13,6 +14,7 @@ import torch
 
 from mg3d.errors import ConfigError
 from mg3d.model import Policy, build_tiny_policy, load_policy
+from mg3d.prompts import check_warm_start_options
 
 __all__ = ["EvalConfig", "OptimConfig", "PolicyConfig", "PromptConfig", "WarmStartConfig"]
 
@@ -87,6 +89,17 @@ class PolicyConfig:
         )
 
 
+def _whole_number(value: object) -> object:
+    """``8.0`` or ``"8"`` (YAML, command line) as the int 8; anything else unchanged, for the check to refuse."""
+    if isinstance(value, bool | int):
+        return value
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return value
+    return int(number) if math.isfinite(number) and number.is_integer() else value
+
+
 @dataclass
 class PromptConfig:
     """How a sample is asked: template, how volumes are shown, the token budget, laterality hint, parsing.
@@ -117,27 +130,15 @@ class PromptConfig:
     trail_grid: tuple[int, ...] = (8, 8, 4)
 
     def __post_init__(self) -> None:
-        if self.instruction not in ("template", "terse"):
-            raise ConfigError(f"prompt.instruction must be 'template' or 'terse', got {self.instruction!r}")
-        if self.warm_start_reasoning not in ("empty", "coarse_box"):
-            raise ConfigError(
-                f"prompt.warm_start_reasoning must be 'empty' or 'coarse_box', got {self.warm_start_reasoning!r}"
-            )
         grid = self.trail_grid
         if isinstance(grid, str):  # "8,8,4" from a command line
             grid = [v.strip() for v in grid.split(",")]
-        try:
-            values = list(grid)
-            ok = len(values) in (2, 3) and all(
-                not isinstance(v, bool) and int(v) == float(v) and int(v) > 0 for v in values
-            )
-        except (TypeError, ValueError, OverflowError):
-            ok = False
-        if not ok:
-            raise ConfigError(
-                f"prompt.trail_grid must be 2 or 3 positive integers (x, y[, z] cell sizes), got {self.trail_grid!r}"
-            )
-        self.trail_grid = tuple(int(v) for v in values)
+        if isinstance(grid, list | tuple):  # anything else is refused by check_warm_start_options
+            grid = [_whole_number(v) for v in grid]
+        checked = check_warm_start_options(
+            self.instruction, self.warm_start_reasoning, grid, prefix="prompt."
+        )
+        self.trail_grid = checked
 
 
 @dataclass
