@@ -66,7 +66,7 @@ INFERENCE_CONFIG_VERSION = 1
 DEFAULT_MODALITY: dict[int, str] = {2: "CXR", 3: "CT"}
 DEFAULT_MAX_NEW_TOKENS = EvalConfig().max_new_tokens
 
-_OVERRIDES_COMMON = ("prompt", "pipelines", "max_new_tokens", "default_modality", "device")
+_OVERRIDES_COMMON = ("prompt", "pipelines", "max_new_tokens", "stop_strings", "default_modality", "device")
 _OVERRIDES_CKPT = (*_OVERRIDES_COMMON, "policy")
 _OVERRIDES_PRETRAINED = (*_OVERRIDES_COMMON, "dtype", "attn_implementation")
 
@@ -457,6 +457,7 @@ class Grounder:
         pipelines: evaluation pipeline settings by dataset name or ``"2d"``/``"3d"`` (looked up in that
             order; default ``PipelineConfig()``). Augmentation settings are ignored.
         max_new_tokens: the generation budget (as the training module's held-out evaluation).
+        stop_strings: generation ends right after any of these (the training rollout's, e.g. ``</answer>``).
         default_modality: modality preset per ndim for inputs that do not name one.
         device: where the model runs.
     """
@@ -468,6 +469,7 @@ class Grounder:
         prompt: PromptConfig | Mapping[str, Any] | None = None,
         pipelines: Mapping[str, PipelineConfig | Mapping[str, Any] | None] | None = None,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        stop_strings: Sequence[str] = (),
         default_modality: Mapping[int | str, str] | None = None,
         device: str | torch.device = "cpu",
     ) -> None:
@@ -482,6 +484,7 @@ class Grounder:
         if int(max_new_tokens) < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.max_new_tokens = int(max_new_tokens)
+        self.stop_strings = RolloutConfig(stop_strings=stop_strings or ()).stop_strings  # checked there
         self.default_modality = dict(DEFAULT_MODALITY)
         for k, v in (default_modality or {}).items():
             if str(k) not in ("2", "3"):
@@ -522,6 +525,12 @@ class Grounder:
         max_new = getattr(evaluation, "max_new_tokens", None)
         if isinstance(evaluation, Mapping):
             max_new = evaluation.get("max_new_tokens")
+        rollout = hparams.get("rollout")
+        stops = (
+            rollout.get("stop_strings")
+            if isinstance(rollout, Mapping)
+            else getattr(rollout, "stop_strings", ())
+        )
         state = checkpoint.get("state_dict")
         if not isinstance(state, Mapping):
             raise ConfigError(f"{path}: no 'state_dict'; is this a Lightning checkpoint of GRPOModule?")
@@ -554,6 +563,7 @@ class Grounder:
             prompt=prompt,
             pipelines=pipelines,
             max_new_tokens=int(overrides.get("max_new_tokens") or max_new or DEFAULT_MAX_NEW_TOKENS),
+            stop_strings=overrides.get("stop_strings", stops or ()),
             default_modality=overrides.get("default_modality"),
             device=overrides.get("device", "cpu"),
         )
@@ -609,6 +619,7 @@ class Grounder:
             max_new_tokens=int(
                 overrides.get("max_new_tokens") or generation.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS
             ),
+            stop_strings=overrides.get("stop_strings", generation.get("stop_strings") or ()),
             default_modality=overrides.get("default_modality") or settings.get("default_modality"),
             device=overrides.get("device", "cpu"),
         )
@@ -625,7 +636,12 @@ class Grounder:
             "codec": self.policy.codec_name,
             "dtype": dtype,
             "prompt": dataclasses.asdict(self.prompt_config),
-            "generation": {"max_new_tokens": self.max_new_tokens, "do_sample": False, "num_generations": 1},
+            "generation": {
+                "max_new_tokens": self.max_new_tokens,
+                "stop_strings": list(self.stop_strings),
+                "do_sample": False,
+                "num_generations": 1,
+            },
             "pipelines": {
                 k: None if v is None else _pipeline_to_dict(v) for k, v in sorted(self.pipelines.items())
             },
@@ -773,6 +789,7 @@ class Grounder:
             top_k=0,
             top_p=1.0,
             share_prompt=False,
+            stop_strings=self.stop_strings,
         )
         rollout = generate_completions(self.policy, batch.inputs, config)
         index = rollout.prompt_index.tolist()

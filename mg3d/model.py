@@ -347,7 +347,9 @@ def build_tiny_policy(
     resolved = _resolve_dtype(dtype)
     if isinstance(resolved, torch.dtype) and resolved != torch.float32:
         model = model.to(resolved)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    # Both ends of text stop generation, as in Qwen2.5-VL-Instruct's generation_config: a policy that drifts
+    # to <|endoftext|> after its answer then ends there instead of running to max_new_tokens.
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.pad_token_id]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = None
     processor = Qwen2VLImageProcessorPil(

@@ -507,7 +507,7 @@ def test_grpo_module_checkpoint_matches_module_predictions(records, tmp_path: Pa
     module = GRPOModule(
         policy=POLICY,
         prompt=PROMPT,
-        rollout=RolloutConfig(num_generations=2, max_new_tokens=MAX_NEW),
+        rollout=RolloutConfig(num_generations=2, max_new_tokens=MAX_NEW, stop_strings=("</answer>",)),
         warm_start=WarmStartConfig(steps=steps, lr=3e-3, schedule="linear"),
         evaluation=EvalConfig(enabled=False, max_new_tokens=MAX_NEW),
         optim=OptimConfig(max_grad_norm=0.0),
@@ -529,6 +529,14 @@ def test_grpo_module_checkpoint_matches_module_predictions(records, tmp_path: Pa
     assert [p.completion for p in preds] == texts
     assert sum(d.box_voxel is not None for d in decoded) >= 3, texts  # a meaningful comparison: boxes exist
     assert grounder.checkpoint_info["global_step"] == steps + 1
+    # the rollout's stop strings carry over: the grounder generates as the module evaluates
+    assert grounder.stop_strings == ("</answer>",)
+    assert any("</answer>" in t for t in texts) and all(
+        t.endswith("</answer>") for t in texts if "</answer>" in t
+    )
+    assert Grounder.from_pretrained(grounder.save_pretrained(tmp_path / "model")).stop_strings == (
+        "</answer>",
+    )
     for p, d, r in zip(preds, decoded, records):
         expected = None if d.box_voxel is None else tuple(clip_boxes(d.box_voxel[None], r.spatial_shape)[0])
         assert p.box_voxel == expected

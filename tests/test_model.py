@@ -86,7 +86,12 @@ def test_tiny_policy_matches_the_documented_size_and_tokens(policy: Policy) -> N
     assert policy.video_token_id == tok.convert_tokens_to_ids("<|video_pad|>")
     assert policy.vision_start_token_id == tok.convert_tokens_to_ids("<|vision_start|>")
     assert policy.vision_end_token_id == tok.convert_tokens_to_ids("<|vision_end|>")
-    assert policy.eos_token_ids == [tok.convert_tokens_to_ids("<|im_end|>")]
+    # Qwen2.5-VL-Instruct's generation config stops at either end-of-text token
+    assert policy.eos_token_ids == [
+        tok.convert_tokens_to_ids("<|im_end|>"),
+        tok.convert_tokens_to_ids("<|endoftext|>"),
+    ]
+    assert policy.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")  # the one SFT targets end with
     assert policy.pad_token_id == tok.convert_tokens_to_ids("<|endoftext|>")
     assert (policy.patch_size, policy.merge_size, policy.temporal_patch_size) == (14, 2, 2)
     assert policy.model.config.text_config.vocab_size == 320  # 270 tokens padded to a multiple of 64

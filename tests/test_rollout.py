@@ -16,6 +16,7 @@ from mg3d.grpo.rollout import (
     RolloutConfig,
     _completion_masks,
     completion_logprobs,
+    cut_at_stop_strings,
     generate_completions,
     make_generator,
     prompt_positions,
@@ -229,10 +230,10 @@ def test_rollout_fields(policy: Policy) -> None:
     )
     assert r.prompt_index.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
     assert r.completion_ids.shape[0] == 8 and r.completion_ids.shape[1] <= 16
-    eos = policy.eos_token_id
+    eos = torch.tensor(policy.eos_token_ids)
     for ids, mask, truncated, text in zip(r.completion_ids, r.completion_mask, r.is_truncated, r.texts):
         n = int(mask.sum())
-        ends = (ids == eos).nonzero().flatten().tolist()
+        ends = torch.isin(ids, eos).nonzero().flatten().tolist()
         if truncated:
             assert not ends and n == ids.shape[0]
         else:
@@ -241,6 +242,58 @@ def test_rollout_fields(policy: Policy) -> None:
         assert torch.all(mask[:n] == 1) and torch.all(mask[n:] == 0)
         assert text == policy.tokenizer.decode(ids[:n], skip_special_tokens=True)
     assert r.is_truncated.any() and not r.is_truncated.all()  # both cases occur with this seed
+
+
+def test_cut_at_stop_strings_by_hand(policy: Policy) -> None:
+    tok, pad, eos = policy.tokenizer, policy.pad_token_id, policy.eos_token_id
+
+    def row(text: str, tail: list[int], width: int = 28) -> list[int]:
+        ids = tok(text, add_special_tokens=False).input_ids + tail
+        return ids + [pad] * (width - len(ids))
+
+    rows = [
+        row("<answer>[1,2]</answer>", [pad]),  # generate stopped here and padded: the pad is not sampled
+        row("<answer>[1,2]</answer>xy", [eos]),  # stop string inside a finished completion
+        row("<answer>[" + "1" * 19, []),  # no stop string, ran out of tokens
+        row("no answer", [eos]),  # no stop string, ended by EOS
+    ]
+    raw = torch.tensor(rows)
+    ids, mask, truncated = _completion_masks(raw, policy.eos_token_ids, pad)
+    cut_ids, cut_mask, cut_truncated = cut_at_stop_strings(ids, mask, truncated, tok, ["</answer>"], pad)
+    n_answer = len(tok("<answer>[1,2]</answer>", add_special_tokens=False).input_ids)
+    assert cut_mask.sum(1).tolist() == [n_answer, n_answer, 28, 10]
+    assert cut_truncated.tolist() == [False, False, True, False]
+    for r in (0, 1):
+        assert tok.decode(cut_ids[r, :n_answer].tolist()) == "<answer>[1,2]</answer>"
+        assert (cut_ids[r, n_answer:] == pad).all()
+    assert torch.equal(cut_ids[2:], ids[2:]) and torch.equal(cut_mask[2:], mask[2:])
+    # a stop string that spans several tokens ends at the token completing it, not at its first match start
+    _, first_mask, _ = cut_at_stop_strings(ids, mask, truncated, tok, ["]", "</answer>"], pad)
+    assert first_mask.sum(1).tolist()[:2] == [13, 13]
+
+
+def test_stop_strings_end_sampled_completions(policy: Policy) -> None:
+    stops = tuple("abcdefghij")
+    batch = video_batch(policy)
+    hot = {"temperature": 8.0, "num_generations": 8, "max_new_tokens": 24}
+    r = generate_completions(policy, batch, config(**hot, stop_strings=stops))
+    stopped = 0
+    for text, mask, truncated in zip(r.texts, r.completion_mask, r.is_truncated):
+        hits = [i for i, ch in enumerate(text) if ch in stops]
+        if hits:  # the completion ends with its first stop string and is finished
+            stopped += 1
+            assert hits == [len(text) - 1] and not truncated
+        assert int(mask.sum()) >= 1
+    assert stopped >= 4  # 10 of ~320 ids, 24 tokens at T = 8: most rows hit one
+    free = generate_completions(policy, batch, config(**hot))
+    assert any(any(ch in stops for ch in t[:-1]) for t in free.texts)  # without stops they run on
+
+
+def test_stop_strings_config() -> None:
+    assert RolloutConfig(stop_strings="</answer>").stop_strings == ("</answer>",)
+    assert RolloutConfig(stop_strings=["</answer>", "<|im_end|>"]).stop_strings == ("</answer>", "<|im_end|>")
+    with pytest.raises(ConfigError, match="stop_strings"):
+        RolloutConfig(stop_strings=["</answer>", ""])
 
 
 def test_truncation_flag(policy: Policy) -> None:

@@ -532,6 +532,7 @@ class GRPOModule(pl.LightningModule):
             top_k=0,
             top_p=1.0,
             share_prompt=False,
+            stop_strings=self.rollout_config.stop_strings,  # evaluated as trained
         )
         rollout = self._rollout_backend().generate(batch.inputs, config)
         index = rollout.prompt_index.tolist()

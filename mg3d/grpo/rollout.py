@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -68,6 +68,11 @@ class RolloutConfig:
     #: Never sample image/video placeholder ids (as TRL does): a completion holding one would break the
     #: placeholder/feature count check in the training forward.
     suppress_vision_tokens: bool = True
+    #: Generation of a completion also ends right after any of these strings (e.g. ``"</answer>"``), as
+    #: vLLM's ``stop``: whatever a policy would write after its answer is then never sampled, scored or
+    #: trained, and the completion counts as finished (not truncated) without an EOS token. Without it a
+    #: policy whose end-of-answer EOS drifts under GRPO runs on to ``max_new_tokens`` (docs/benchmarks.md).
+    stop_strings: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.num_generations < 1:
@@ -80,6 +85,11 @@ class RolloutConfig:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ConfigError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if isinstance(self.stop_strings, str):  # one string from YAML / the command line
+            self.stop_strings = (self.stop_strings,)
+        self.stop_strings = tuple(self.stop_strings)
+        if any(not isinstance(stop, str) or not stop for stop in self.stop_strings):
+            raise ConfigError(f"stop_strings must be non-empty strings, got {self.stop_strings!r}")
         if self.cache_implementation not in ("static", "dynamic"):
             raise ConfigError(
                 f"cache_implementation must be 'static' or 'dynamic', got {self.cache_implementation!r}"
@@ -323,7 +333,47 @@ def _generation_kwargs(policy: Policy, config: RolloutConfig) -> dict[str, Any]:
         kwargs.update(temperature=None, top_p=None, top_k=None)
     if config.suppress_vision_tokens:
         kwargs["suppress_tokens"] = [policy.image_token_id, policy.video_token_id]
+    if config.stop_strings:  # transformers' StopStringCriteria: handles strings that span token boundaries
+        kwargs.update(stop_strings=list(config.stop_strings), tokenizer=policy.tokenizer)
     return kwargs
+
+
+def cut_at_stop_strings(
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    truncated: torch.Tensor,
+    tokenizer: Any,
+    stop_strings: Sequence[str],
+    pad_id: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """End each completion at the token that completes its first stop string (mask, ids, truncation).
+
+    ``generate`` stops a row there but pads it with the pad id, which :func:`_completion_masks` may take for
+    an EOS (Qwen's pad ``<|endoftext|>`` is one): that unsampled token must not enter the loss. Decoding is
+    monotone in the prefix length (a prefix holding a stop string keeps holding it), so the end is found by
+    bisection over prefix lengths.
+    """
+    ids, mask, trunc = completion_ids.clone(), completion_mask.clone(), truncated.clone()
+
+    def holds_stop(row: torch.Tensor, n: int) -> bool:
+        text = tokenizer.decode(row[:n].tolist(), skip_special_tokens=True)
+        return any(stop in text for stop in stop_strings)
+
+    for r in range(ids.shape[0]):
+        n = int(mask[r].sum())
+        if n == 0 or not holds_stop(ids[r], n):
+            continue
+        lo, hi = 1, n  # smallest prefix length that holds a stop string
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if holds_stop(ids[r], mid):
+                hi = mid
+            else:
+                lo = mid + 1
+        mask[r, lo:] = 0
+        ids[r, lo:] = pad_id
+        trunc[r] = False
+    return ids, mask, trunc
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -414,6 +464,15 @@ def generate_completions(
     completion_ids, completion_mask, truncated = _completion_masks(
         raw, policy.eos_token_ids, policy.pad_token_id
     )
+    if config.stop_strings:
+        completion_ids, completion_mask, truncated = cut_at_stop_strings(
+            completion_ids,
+            completion_mask,
+            truncated,
+            policy.tokenizer,
+            config.stop_strings,
+            policy.pad_token_id,
+        )
     texts = policy.tokenizer.batch_decode(
         [row[m.bool()] for row, m in zip(completion_ids, completion_mask)], skip_special_tokens=True
     )
