@@ -593,6 +593,7 @@ __all__ = [
     "RolloutBackend",
     "RolloutConfig",
     "completion_logprobs",
+    "cut_at_stop_strings",
     "generate_completions",
     "make_generator",
     "prompt_positions",
