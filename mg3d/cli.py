@@ -28,7 +28,14 @@ from mg3d.checkpointing import with_atomic_checkpoint_io
 from mg3d.data.datamodule import GroundingDataModule
 from mg3d.grpo.module import GRPOModule
 
-__all__ = ["CHECKPOINT_FOLDER", "MG3DCLI", "fix_checkpoint_dirs", "follow_default_root_dir", "main"]
+__all__ = [
+    "CHECKPOINT_FOLDER",
+    "MG3DCLI",
+    "fix_checkpoint_dirs",
+    "follow_default_root_dir",
+    "main",
+    "overridden_settings",
+]
 
 #: Where checkpoints without their own ``dirpath`` go, under the trainer's ``default_root_dir``.
 CHECKPOINT_FOLDER = "checkpoints"
@@ -75,6 +82,24 @@ def fix_checkpoint_dirs(trainer: Trainer) -> list[ModelCheckpoint]:
             callback.dirpath = os.path.realpath(os.path.expanduser(folder)) if local else folder
             changed.append(callback)
     return changed
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys to leaf values of nested mappings / namespaces (tuples compared as lists)."""
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flat(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: list(value) if isinstance(value, tuple) else value}
+
+
+def overridden_settings(before: Any, after: Any, prefix: str = "model") -> list[str]:
+    """``key: old → new`` for every setting that differs between two configs (what a checkpoint replaced)."""
+    old, new = _flat(before), _flat(after)
+    return [f"{prefix}.{k}: {old[k]!r} → {new[k]!r}" for k in sorted(new) if k in old and old[k] != new[k]]
 
 
 class MG3DCLI(LightningCLI):
@@ -138,11 +163,22 @@ class MG3DCLI(LightningCLI):
             return
         if "_class_path" in hparams:
             hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        before = _flat(self.config[subcommand].get("model"))  # now: parse_object may update it in place
         try:
             self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
         except SystemExit:
             sys.stderr.write(f"Parsing of the hyper-parameters saved in {ckpt_path} failed!\n")
             raise
+        # Lightning lets the checkpoint's hyper-parameters win over the config and the command line, silently:
+        # a resumed run that was meant to change a setting would run with the old one.
+        changed = overridden_settings(before, self.config[subcommand].get("model"))
+        if changed:
+            warnings.warn(
+                f"--ckpt_path {ckpt_path}: its saved hyper-parameters replace these settings of the config / "
+                f"command line: {'; '.join(changed)} (docs/reliability.md: how to continue with other settings)",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         # Atomic, weights-only checkpoint IO (mg3d.checkpointing) unless the run already names a CheckpointIO;
