@@ -43,7 +43,7 @@ from mg3d.data.transforms import Pipeline, PipelineConfig, build_pipeline, recor
 from mg3d.errors import ConfigError, DataError, Mg3dError
 from mg3d.grounding import GroundingPrompter, PromptBatch
 from mg3d.grpo.config import EvalConfig, PolicyConfig, PromptConfig
-from mg3d.grpo.rollout import RolloutConfig, generate_completions
+from mg3d.grpo.rollout import RolloutConfig, check_stop_strings, generate_completions
 from mg3d.model import Policy, load_policy, save_policy
 from mg3d.prompts import ParsedCompletion
 
@@ -344,6 +344,12 @@ def _pipeline_ndims(config: PipelineConfig) -> tuple[int, ...]:
     return (2, 3)
 
 
+def _saved_setting(hparams: Mapping[str, Any], group: str, name: str) -> Any:
+    """One field of a config group saved in a checkpoint: a plain dict, or a dataclass (older checkpoints)."""
+    value = hparams.get(group)
+    return value.get(name) if isinstance(value, Mapping) else getattr(value, name, None)
+
+
 def pipelines_from_hparams(hparams: Any) -> dict[str, PipelineConfig | None]:
     """Per-source pipeline settings found in a DataModule's saved hyper-parameters.
 
@@ -484,7 +490,7 @@ class Grounder:
         if int(max_new_tokens) < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.max_new_tokens = int(max_new_tokens)
-        self.stop_strings = RolloutConfig(stop_strings=stop_strings or ()).stop_strings  # checked there
+        self.stop_strings = check_stop_strings(stop_strings or ())
         self.default_modality = dict(DEFAULT_MODALITY)
         for k, v in (default_modality or {}).items():
             if str(k) not in ("2", "3"):
@@ -521,16 +527,8 @@ class Grounder:
         prompt = _prompt_from(hparams.get("prompt") or {}, f"{path}: hyper-parameter 'prompt'")
         if overrides.get("prompt") is not None:
             prompt = _prompt_from(overrides["prompt"], "override 'prompt'", base=prompt)
-        evaluation = hparams.get("evaluation")
-        max_new = getattr(evaluation, "max_new_tokens", None)
-        if isinstance(evaluation, Mapping):
-            max_new = evaluation.get("max_new_tokens")
-        rollout = hparams.get("rollout")
-        stops = (
-            rollout.get("stop_strings")
-            if isinstance(rollout, Mapping)
-            else getattr(rollout, "stop_strings", ())
-        )
+        max_new = _saved_setting(hparams, "evaluation", "max_new_tokens")
+        stops = _saved_setting(hparams, "rollout", "stop_strings")
         state = checkpoint.get("state_dict")
         if not isinstance(state, Mapping):
             raise ConfigError(f"{path}: no 'state_dict'; is this a Lightning checkpoint of GRPOModule?")
@@ -781,16 +779,7 @@ class Grounder:
     def _predict_batch(self, chunk: list[tuple[dict[str, Any], GroundingRecord | None]]) -> list[Prediction]:
         samples = [self._sample(item) for item, _ in chunk]
         batch = self.prompter.build(samples)
-        config = RolloutConfig(
-            num_generations=1,
-            max_new_tokens=self.max_new_tokens,
-            temperature=1.0,
-            do_sample=False,
-            top_k=0,
-            top_p=1.0,
-            share_prompt=False,
-            stop_strings=self.stop_strings,
-        )
+        config = RolloutConfig.one_per_prompt(self.max_new_tokens, stop_strings=self.stop_strings)
         rollout = generate_completions(self.policy, batch.inputs, config)
         index = rollout.prompt_index.tolist()
         decoded = self.prompter.decode(rollout.texts, batch, index)

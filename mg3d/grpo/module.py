@@ -524,14 +524,10 @@ class GRPOModule(pl.LightningModule):
     ) -> tuple[PromptBatch, list[str], np.ndarray]:
         """Greedy (or one sampled) completion per sample; returns the batch, texts and best-match IoUs."""
         batch = self.prompter.build(samples)
-        config = RolloutConfig(
-            num_generations=1,
-            max_new_tokens=max_new_tokens or self.eval_config.max_new_tokens,
-            temperature=self.eval_config.sampled_temperature if sampled else 1.0,
-            do_sample=sampled,
-            top_k=0,
-            top_p=1.0,
-            share_prompt=False,
+        config = RolloutConfig.one_per_prompt(
+            max_new_tokens or self.eval_config.max_new_tokens,
+            sampled=sampled,
+            temperature=self.eval_config.sampled_temperature,
             stop_strings=self.rollout_config.stop_strings,  # evaluated as trained
         )
         rollout = self._rollout_backend().generate(batch.inputs, config)

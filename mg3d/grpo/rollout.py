@@ -85,15 +85,41 @@ class RolloutConfig:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ConfigError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if isinstance(self.stop_strings, str):  # one string from YAML / the command line
-            self.stop_strings = (self.stop_strings,)
-        self.stop_strings = tuple(self.stop_strings)
-        if any(not isinstance(stop, str) or not stop for stop in self.stop_strings):
-            raise ConfigError(f"stop_strings must be non-empty strings, got {self.stop_strings!r}")
+        self.stop_strings = check_stop_strings(self.stop_strings)
         if self.cache_implementation not in ("static", "dynamic"):
             raise ConfigError(
                 f"cache_implementation must be 'static' or 'dynamic', got {self.cache_implementation!r}"
             )
+
+    @classmethod
+    def one_per_prompt(
+        cls,
+        max_new_tokens: int,
+        *,
+        sampled: bool = False,
+        temperature: float = 1.0,
+        stop_strings: Sequence[str] = (),
+    ) -> RolloutConfig:
+        """One completion per prompt, greedy or one unfiltered sample at ``temperature``: how held-out
+        evaluation (``GRPOModule.predict_samples``) and inference (``Grounder``) generate, so they agree."""
+        return cls(
+            num_generations=1,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature if sampled else 1.0,
+            do_sample=sampled,
+            top_k=0,
+            top_p=1.0,
+            share_prompt=False,
+            stop_strings=tuple(stop_strings),
+        )
+
+
+def check_stop_strings(stop_strings: str | Sequence[str]) -> tuple[str, ...]:
+    """Stop strings as a tuple (one string from YAML / the command line is one stop); empty ones refused."""
+    stops = (stop_strings,) if isinstance(stop_strings, str) else tuple(stop_strings)
+    if any(not isinstance(stop, str) or not stop for stop in stops):
+        raise ConfigError(f"stop_strings must be non-empty strings, got {stops!r}")
+    return stops
 
 
 @dataclass
@@ -592,6 +618,7 @@ __all__ = [
     "Rollout",
     "RolloutBackend",
     "RolloutConfig",
+    "check_stop_strings",
     "completion_logprobs",
     "cut_at_stop_strings",
     "generate_completions",
