@@ -141,9 +141,9 @@ class _StepTimer(L.Callback):
 
 def bench_training_step(manifest_dir: Path, prompts: int, steps: int, generations: int) -> dict[str, float]:
     """Seconds per GRPO step of the tiny policy on 3D prompts (data loading excluded)."""
+    from mg3d.generation import RolloutConfig
     from mg3d.grpo.config import EvalConfig
     from mg3d.grpo.module import GRPOModule
-    from mg3d.grpo.rollout import RolloutConfig
 
     module = GRPOModule(
         rollout=RolloutConfig(num_generations=generations), evaluation=EvalConfig(enabled=False)

@@ -10,7 +10,11 @@ fixed box already scores a non-zero IoU. "GRPO improves the policy" means little
 against the best box a model could output without looking at the image. The constant box is fitted on the
 *training* split (coordinate ascent on mean IoU, starting from the median box) and scored on the held-out split
 the demo evaluates on. Boxes are compared in the stored voxel frame of the manifests; the demo's phantoms all
-share one shape and orientation, so one box means the same place in every case.
+share one shape and orientation, so one box means the same place in every case. When the phrases differ (the 2D
+demo names side, zone and kind), the best box *per phrase* is the baseline of a policy that reads the words and
+ignores the image. The per-run table also shows the in-run controls, when the run recorded them: greedy mIoU with
+each phrase asked with another case's image (``swap/mIoU``) and the number of distinct greedy boxes. The fitting
+lives in :mod:`mg3d.evaluation.baselines`, shared with the run's own final table.
 """
 
 from __future__ import annotations
@@ -26,9 +30,12 @@ import numpy as np
 
 from mg3d.boxes import pair_iou
 from mg3d.data.records import read_manifest
+from mg3d.evaluation.baselines import best_box_per_key, best_constant_box, mean_iou
 
 STAGES = ("warm_start", "after_grpo")
 METRICS = ("greedy/mIoU", "greedy/acc@0.5", "sampled/mIoU", "sampled/acc@0.5")
+# the in-run controls (runs from before they existed lack them: shown as "–")
+CONTROLS = ("swap/mIoU", "greedy/distinct_boxes")
 
 
 def first_boxes(
@@ -55,25 +62,9 @@ def first_boxes(
     return np.array(out)
 
 
-def mean_iou(box: np.ndarray, targets: np.ndarray) -> float:
-    return float(np.mean(pair_iou(np.repeat(box[None], len(targets), 0), targets)))
-
-
-def best_constant_box(train: np.ndarray, sweeps: int = 3) -> np.ndarray:
-    """Coordinate ascent on the mean training IoU over integer coordinates, from the median box."""
-    box = np.round(np.median(train, axis=0))
-    nd = train.shape[1] // 2
-    upper = int(np.ceil(train.max()))
-    for _ in range(sweeps):
-        for i in range(2 * nd):
-            best_value, best_score = box[i], mean_iou(box, train)
-            for value in range(upper + 1):
-                trial = box.copy()
-                trial[i] = value
-                if np.all(trial[nd:] > trial[:nd]) and (score := mean_iou(trial, train)) > best_score:
-                    best_value, best_score = value, score
-            box[i] = best_value
-    return box
+def phrases(manifest: Path, max_samples: int | None = None) -> list[str]:
+    """The phrase of every record (the first ``max_samples``), aligned with :func:`first_boxes`."""
+    return [r.text for r in read_manifest(manifest)[:max_samples]]
 
 
 def load_summary(run: Path) -> dict:
@@ -95,20 +86,29 @@ def _ms(values: list[float]) -> str:
     )
 
 
+def _cell(row: dict, key: str) -> str:
+    if key not in row:
+        return "–"
+    return f"{int(row[key])}" if key.endswith("distinct_boxes") else f"{row[key]:.3f}"
+
+
 def report(runs: list[Path], data: Path, max_samples: int | None = None) -> str:
     summaries = [load_summary(r) for r in runs]
+    columns = METRICS + CONTROLS
     lines = [
-        "| run | stage | step | " + " | ".join(METRICS) + " |",
-        "| --- | --- | --- | " + " | ".join("---" for _ in METRICS) + " |",
+        "| run | stage | step | " + " | ".join(columns) + " |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in columns) + " |",
     ]
     for run, summary in zip(runs, summaries, strict=True):
         for stage in STAGES:
             row = summary[stage]
-            cells = " | ".join(f"{row[m]:.3f}" for m in METRICS)
+            cells = " | ".join(_cell(row, m) for m in columns)
             lines.append(f"| {run.name} | {stage} | {int(row['step'])} | {cells} |")
     lines += ["", "Mean ± sample std over the runs:", ""]
     lines += ["| metric | warm start | after GRPO | gain |", "| --- | --- | --- | --- |"]
-    for m in METRICS:
+    for m in columns:
+        if not all(m in s[stage] for s in summaries for stage in STAGES):
+            continue
         before = [s["warm_start"][m] for s in summaries]
         after = [s["after_grpo"][m] for s in summaries]
         gain = [a - b for a, b in zip(after, before, strict=True)]
@@ -117,6 +117,7 @@ def report(runs: list[Path], data: Path, max_samples: int | None = None) -> str:
         )
     shape = tuple(read_manifest(data / "train.jsonl")[0].spatial_shape)  # one frame for every split
     train = first_boxes(data / "train.jsonl", shape=shape)
+    train_phrases = phrases(data / "train.jsonl")
     median_box = np.round(np.median(train, axis=0))
     constant = best_constant_box(train)
     nd = train.shape[1] // 2
@@ -128,7 +129,9 @@ def report(runs: list[Path], data: Path, max_samples: int | None = None) -> str:
         "| box | " + " | ".join(f"{split} mIoU" for split in ("val", "test")) + " |",
         "| --- | --- | --- |",
     ]
-    splits = {split: first_boxes(data / f"{split}.jsonl", max_samples, shape) for split in ("val", "test")}
+    split_names = ("val", "test")
+    splits = {split: first_boxes(data / f"{split}.jsonl", max_samples, shape) for split in split_names}
+    split_phrases = {split: phrases(data / f"{split}.jsonl", max_samples) for split in split_names}
     centred = {}
     for split, boxes in splits.items():
         centre = (boxes[:, :nd] + boxes[:, nd:]) / 2
@@ -144,8 +147,15 @@ def report(runs: list[Path], data: Path, max_samples: int | None = None) -> str:
             f"best constant box on the training split {constant.astype(int).tolist()}",
             [mean_iou(constant, b) for b in splits.values()],
         ),
-        ("true centre, median training size (an upper reference)", list(centred.values())),
     ]
+    if len(set(train_phrases)) > 1:
+        rows.append(
+            (
+                f"best box per phrase on the training split ({len(set(train_phrases))} phrases)",
+                [best_box_per_key(train, train_phrases, splits[s], split_phrases[s]) for s in split_names],
+            )
+        )
+    rows.append(("true centre, median training size (an upper reference)", list(centred.values())))
     for name, values in rows:
         lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
     lines.append(f"\n({', '.join(f'{k}: {len(v)} records' for k, v in splits.items())}; `{data}`)")

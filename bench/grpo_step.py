@@ -58,7 +58,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils.flop_counter import FlopCounterMode
 
-from mg3d.boxes import CoordinateFrame
+from mg3d.frames import CoordinateFrame
 
 PHASES = ("generate", "train forward", "backward", "optimizer", "other")
 TARGET_2D = 0.5  # mg3d step time / TRL step time
@@ -434,10 +434,12 @@ def check_same_prompts(mg3d_inputs: dict[str, torch.Tensor], processor: Any, row
 # ---------------------------------------------------------------------------------------------------
 def mg3d_module(args: argparse.Namespace, *, generations: int, max_vision_tokens: int) -> Any:
     """``GRPOModule`` with its defaults except what both sides must share (G, lengths, reward, loss, lr)."""
-    from mg3d.grpo.config import EvalConfig, OptimConfig, PolicyConfig, PromptConfig
+    from mg3d.generation import RolloutConfig
+    from mg3d.grounding import PromptConfig
+    from mg3d.grpo.config import EvalConfig, OptimConfig
     from mg3d.grpo.loss import GRPOLossConfig
     from mg3d.grpo.module import GRPOModule
-    from mg3d.grpo.rollout import RolloutConfig
+    from mg3d.model import PolicyConfig
 
     return GRPOModule(
         policy=PolicyConfig(seed=0),
@@ -543,9 +545,9 @@ def trl_trainer(
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from mg3d.model import trl_image_processor
     from mg3d.rewards import RewardSet
     from mg3d.rewards.trl_adapter import trl_reward_functions
+    from mg3d.trl_processor import trl_image_processor
 
     rewards = RewardSet.from_config({"iou": 1.0}, codec=policy.codec_name, parse_mode="lenient")
     funcs, weights = trl_reward_functions(rewards, image_processor=policy.processor)
@@ -713,7 +715,7 @@ def trl_loop(
 ) -> Loop:
     from transformers import PrinterCallback
 
-    from mg3d.grpo.config import PolicyConfig
+    from mg3d.model import PolicyConfig
 
     policy = PolicyConfig(seed=0).build()  # the same weights as the mg3d modules'
     trainer = trl_trainer(
@@ -735,8 +737,8 @@ def trl_loop(
 def run_2d(args: argparse.Namespace) -> tuple[list[PathStats], dict[str, str]]:
     """mg3d (Lightning) and TRL loops on the same 2D prompts, in lockstep; the first runs in this thread."""
     from mg3d.grounding import GroundingPrompter
-    from mg3d.grpo.config import PolicyConfig
-    from mg3d.model import trl_image_processor
+    from mg3d.model import PolicyConfig
+    from mg3d.trl_processor import trl_image_processor
 
     names = [MG3D, TRL] + ([MG3D_BF16, TRL_DEFAULTS] if args.bf16 else [])
     plan = Plan(names, args.warmup, args.runs, args.profile != "never")

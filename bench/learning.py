@@ -33,7 +33,7 @@ Arms, per seed, all GRPO arms starting from the *same* warm-start weights of tha
 Rewards are an unweighted sum, as in the paper. Warm starts are shared: ``--warm-steps`` supervised steps on
 the terse template per seed, then ``--branch-steps`` more on each answer format (terse, and Chain-of-Box),
 so every arm has had the same number of supervised steps. The Chain-of-Box arms are configured through
-:class:`mg3d.grpo.config.PromptConfig` (see :func:`cob_prompt_fields`): the warm start teaches a *box trail*,
+:class:`mg3d.grounding.PromptConfig` (see :func:`cob_prompt_fields`): the warm start teaches a *box trail*,
 ``<think>the lesion [coarse box]</think>`` with the answer box widened outward to a coarse grid, then the exact
 answer — a coarse-to-fine chain the consistency reward can check (``--trail coarse`` =
 ``warm_start_reasoning: coarse_box``, grid ``--trail-grid`` = ``trail_grid``; ``--trail none`` = ``empty``,
@@ -68,6 +68,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from mg3d.atomic import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
@@ -179,10 +181,12 @@ def build_module(
 
     ``warm_steps`` > 0 makes it a supervised run (``warm_start.steps``; the bench stops it by step or time).
     """
-    from mg3d.grpo.config import EvalConfig, OptimConfig, PolicyConfig, PromptConfig, WarmStartConfig
+    from mg3d.generation import RolloutConfig
+    from mg3d.grounding import PromptConfig
+    from mg3d.grpo.config import EvalConfig, OptimConfig, WarmStartConfig
     from mg3d.grpo.loss import GRPOLossConfig
     from mg3d.grpo.module import GRPOModule
-    from mg3d.grpo.rollout import RolloutConfig
+    from mg3d.model import PolicyConfig
 
     m = cfg["model"]
     tokens = cob_new_tokens if arm.template == COB else m["rollout"]["max_new_tokens"]
@@ -315,13 +319,14 @@ def fit(
 
 def save_weights(module: Any, path: Path) -> None:
     """The policy's weights as safetensors (what ``--warm-start-ckpt`` also accepts)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from mg3d.atomic import atomic_write
 
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
-    tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp))
-    os.replace(tmp, path)
+    data = save(state)  # safetensors bytes, written through mg3d's one atomic write
+    atomic_write(path, lambda handle: handle.write(data))
 
 
 def load_weights(module: Any, path: Path) -> int | None:
@@ -331,7 +336,7 @@ def load_weights(module: Any, path: Path) -> int | None:
 
         state, step = load_file(str(path)), None
     else:
-        from mg3d.grounder import load_checkpoint_safely
+        from mg3d.checkpointing import load_checkpoint_safely
 
         ckpt = load_checkpoint_safely(path)
         if "state_dict" not in ckpt:
@@ -444,9 +449,7 @@ class Study:
             self.results["meta"]["total_minutes"] = (time.perf_counter() - self.start) / 60
         self.s.out.mkdir(parents=True, exist_ok=True)
         path = self.s.out / "learning.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.results, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(self.results, indent=1) + "\n")
 
     def warm_starts(self, seed: int, dm: Any) -> dict[str, Path]:
         """Base warm start (or the given checkpoint), then one branch per answer format; returns weight files."""
@@ -869,7 +872,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def trail_grid_from(flag: str | None, cfg: Mapping[str, Any]) -> list[int]:
     """``--trail-grid`` (or the config's ``prompt.trail_grid``, else 8,8,4), checked by ``PromptConfig``."""
     from mg3d.errors import ConfigError
-    from mg3d.grpo.config import PromptConfig
+    from mg3d.grounding import PromptConfig
 
     value: Any = flag if flag is not None else cfg["model"]["prompt"].get("trail_grid", [8, 8, 4])
     try:

@@ -3,7 +3,8 @@
 Run by hand (one thread: on a shared 2-core machine more threads oversubscribe and slow torch down 10×):
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/rewards.py            # tables (≈ 1 min)
-    OMP_NUM_THREADS=1 .venv/bin/python bench/rewards.py --study 200  # + the semantic property study (≈ 3 min)
+    OMP_NUM_THREADS=1 .venv/bin/python bench/rewards.py --study 200  # + the phantom property study (≈ 3 min)
+    (per source and pipeline, real CT/MR included: bench/semantic_property.py)
 
 Prints markdown tables and the command that produced them.
 """
@@ -22,7 +23,8 @@ import numpy as np
 import torch
 
 from mg3d.boxes import iou_matrix, pair_iou
-from mg3d.rewards import RewardSet, RewardTarget, SemanticReward, semantic_property_study
+from mg3d.rewards import RewardSet, RewardTarget, SemanticReward
+from mg3d.studies import phantom_property_study
 
 
 def _best_of(fn: Callable[[], Any], repeats: int = 5) -> float:
@@ -70,6 +72,7 @@ def _ct_targets(n_records: int) -> list[RewardTarget]:
                 image=phantom.volume.astype(np.float32),
                 affine=phantom.affine,
                 phrase=region.phrase,
+                unit="HU",
             )
         )
     return targets
@@ -147,9 +150,10 @@ def bench_grpo_step() -> list[tuple[str, str]]:
     from PIL import Image
     from trl import GRPOConfig, GRPOTrainer
 
-    from mg3d.model import build_tiny_policy, trl_image_processor
+    from mg3d.model import build_tiny_policy
     from mg3d.prompts import build_messages
     from mg3d.rewards.trl_adapter import trl_reward_functions
+    from mg3d.trl_processor import trl_image_processor
 
     policy = build_tiny_policy(seed=0)
     processor = trl_image_processor(policy)
@@ -200,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {name} | {value} |")
     if args.study:
         start = time.perf_counter()
-        study = semantic_property_study(n_cases=args.study, seed=0)
+        study = phantom_property_study(n_cases=args.study, seed=0)
         print(f"\nSemantic property study (offline radiomics encoder, seed 0, {time.perf_counter() - start:.0f} s, "
               f"{study.skipped} cases skipped):\n")  # fmt: skip
         print(study.table())

@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import torch
 
-from mg3d.grpo.rollout import RolloutConfig, completion_logprobs, generate_completions
+from mg3d.generation import RolloutConfig, completion_logprobs, generate_completions
 from mg3d.model import Policy, build_tiny_policy
 
 

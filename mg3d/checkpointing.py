@@ -11,7 +11,7 @@ the folder, so a reader sees the old file or the new one, never a prefix. A proc
 a hidden ``.<name>.<host>-<pid>-<thread>.tmp`` file: Lightning's ``ckpt_path="last"`` never matches it (it looks for
 ``last*.ckpt``), and the next successful save in that folder removes temporaries of dead processes of this host.
 
-Loading goes through :func:`mg3d.grounder.load_checkpoint_safely` (``torch.load(weights_only=True)`` after
+Loading goes through :func:`load_checkpoint_safely` (``torch.load(weights_only=True)`` after
 listing the globals a file references), whatever ``weights_only`` Lightning passes: mg3d never unpickles a
 file it is handed (DESIGN.md §6), and a crafted or truncated file is refused with an error naming it.
 """
@@ -19,71 +19,49 @@ file it is handed (DESIGN.md §6), and a crafted or truncated file is refused wi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import importlib
 import logging
 import os
+import pickle
 import re
-import socket
-import threading
-from collections.abc import Callable, Sequence
+import warnings
+import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 
-__all__ = ["AtomicCheckpointIO", "atomic_torch_save", "remove_stale_temporaries", "with_atomic_checkpoint_io"]
+from mg3d.atomic import _HOST, atomic_write, atomic_write_text, temporary_path
+from mg3d.errors import ConfigError
+
+__all__ = [
+    "MOVED_CLASSES",
+    "AtomicCheckpointIO",
+    "atomic_torch_save",
+    "atomic_write",
+    "atomic_write_text",
+    "load_checkpoint_safely",
+    "moved_class_aliases",
+    "remove_stale_temporaries",
+    "with_atomic_checkpoint_io",
+]
 
 log = logging.getLogger(__name__)
 
-_TMP_SUFFIX = ".tmp"
-_HOST = re.sub(r"[^A-Za-z0-9_-]+", "_", socket.gethostname()) or "host"
 # ".<final name>.<host>-<pid>-<thread>.tmp": unique per writer, also for threads (Lightning's AsyncCheckpointIO)
 _TMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9_-]+?)-(?P<pid>\d+)-(?P<tid>\d+)\.tmp$")
-
-
-def _is_remote(path: str | os.PathLike[str]) -> bool:
-    return "://" in str(path)
-
-
-def temporary_path(path: Path, pid: int | None = None, host: str = _HOST) -> Path:
-    """Where ``path`` is written before the rename: a hidden file beside it, unique per host, process, thread."""
-    pid = os.getpid() if pid is None else pid
-    return path.with_name(f".{path.name}.{host}-{pid}-{threading.get_ident()}{_TMP_SUFFIX}")
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); folders cannot be opened for fsync on Windows."""
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | os.PathLike[str], write: Callable[[Any], None]) -> Path:
-    """Call ``write(binary_file)`` on a temporary file beside ``path``, fsync it and rename it over ``path``."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_path(target)
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(target.parent)
-    return target
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     """``torch.save(obj, path)`` that leaves either the complete new file or the previous one."""
     return atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+def _is_remote(path: str | os.PathLike[str]) -> bool:
+    return "://" in str(path)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -140,8 +118,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(
         self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
-        from mg3d.grounder import load_checkpoint_safely
-
         if weights_only is False:
             log.warning(
                 "%s: a full (unsafe) unpickling was requested; mg3d loads checkpoints weights-only", path
@@ -179,3 +155,108 @@ def with_atomic_checkpoint_io(plugins: Any, strategy: Any = None) -> list[Any] |
     if "xla" in name.lower():
         return plugins
     return [*items, AtomicCheckpointIO()]
+
+
+# ---------------------------------------------------------------------------------------------- safe loading
+
+# Weight files that are pickles (torch.save / legacy formats), named in refusals.
+PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+#: Configuration classes that moved since checkpoints were first written: old ``module.Qualname`` → new.
+#: A checkpoint pickles its hyper-parameters' classes by path, so a moved class keeps loading only through
+#: this table (resolved here, not by alias modules left behind at the old paths).
+MOVED_CLASSES: dict[str, str] = {
+    "mg3d.grpo.config.PolicyConfig": "mg3d.model.PolicyConfig",
+    "mg3d.grpo.config.PromptConfig": "mg3d.grounding.PromptConfig",
+    "mg3d.grpo.rollout.RolloutConfig": "mg3d.generation.config.RolloutConfig",
+    "mg3d.data.transforms.PipelineConfig": "mg3d.data.transforms.config.PipelineConfig",
+    "mg3d.data.transforms.AugmentConfig": "mg3d.data.transforms.config.AugmentConfig",
+}
+
+
+def moved_class_aliases() -> list[tuple[type, str]]:
+    """``(class, old path)`` for every moved class, for ``torch.serialization.add_safe_globals`` (Lightning's
+    own weights-only loads of older checkpoints)."""
+    out = []
+    for old in MOVED_CLASSES:
+        cls = _config_dataclass(old)
+        if cls is not None:
+            out.append((cls, old))
+    return out
+
+
+def _config_dataclass(name: str) -> type | None:
+    """The class named ``module.Qualname`` when it is one of mg3d's plain configuration dataclasses."""
+    module_name, _, qualname = MOVED_CLASSES.get(name, name).rpartition(".")
+    if not module_name.startswith("mg3d.") or not qualname.isidentifier():
+        return None
+    try:
+        obj = getattr(importlib.import_module(module_name), qualname, None)
+    except ImportError:
+        return None
+    if not (isinstance(obj, type) and dataclasses.is_dataclass(obj)):
+        return None
+    # Unpickling restores such an object as __new__ + __dict__ update; a class that customises that could run code.
+    if any(k in vars(obj) for k in ("__setstate__", "__reduce__", "__reduce_ex__", "__getattr__")):
+        return None
+    return obj
+
+
+def unpickler_reason(err: BaseException) -> str:
+    """The informative part of torch's weights-only refusal (which global it met), not its advice paragraphs."""
+    for line in str(err).splitlines():
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", line)
+        if found:
+            return f"it references {found.group(1)}, which is not allowed"
+        if "WeightsUnpickler error" in line:
+            return line.split("WeightsUnpickler error:", 1)[-1].strip()[:200]
+    return f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}"
+
+
+def load_checkpoint_safely(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """``torch.load(weights_only=True)`` a Lightning checkpoint, allowing only mg3d's config dataclasses.
+
+    The globals a checkpoint references are listed *before* unpickling (``torch.serialization``'s scanner
+    reads the pickle opcodes, it runs nothing); anything outside tensors, plain containers and mg3d's
+    configuration dataclasses is refused with its name — a crafted pickle never gets to run its payload.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"{p}: checkpoint file not found")
+    allowed: list[type | tuple[type, str]] = []
+    if zipfile.is_zipfile(p):
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(str(p))
+        except Exception as err:  # a broken archive: zipfile/RuntimeError/ValueError from torch's reader
+            raise ConfigError(
+                f"{p}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})"
+            ) from None
+        refused = []
+        for name in names:
+            cls = _config_dataclass(name)
+            if cls is None:
+                refused.append(name)
+            else:
+                allowed.append((cls, name))  # the class under the path the file names (it may have moved)
+        if refused:
+            raise ConfigError(
+                f"{p}: refused — the checkpoint references {sorted(refused)}, which mg3d never unpickles "
+                "(only tensors, plain containers and mg3d configuration dataclasses are loaded). If you wrote "
+                "this checkpoint yourself, export the model with save_pretrained (safetensors) instead."
+            )
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*pickle protocol.*")
+            with torch.serialization.safe_globals(allowed):
+                checkpoint = torch.load(str(p), weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as err:
+        raise ConfigError(
+            f"{p}: refused by the safe (weights-only) loader ({unpickler_reason(err)}). mg3d never unpickles "
+            "arbitrary objects; export the model with save_pretrained (safetensors) instead."
+        ) from None
+    except (RuntimeError, OSError, EOFError, ValueError) as err:
+        raise ConfigError(f"{p}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(checkpoint, dict):
+        raise ConfigError(f"{p}: expected a Lightning checkpoint (a dict), got {type(checkpoint).__name__}")
+    return checkpoint

@@ -20,17 +20,20 @@ from pathlib import Path
 from typing import Any
 
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol, get_filesystem
-from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from mg3d.checkpointing import with_atomic_checkpoint_io
-from mg3d.data.datamodule import GroundingDataModule
+from mg3d.checkpointing import load_checkpoint_safely, with_atomic_checkpoint_io
+from mg3d.data.datamodule import GroundingDataModule, check_sources
+from mg3d.data.user_modules import import_user_modules, user_modules_from
 from mg3d.grpo.module import GRPOModule
 
 __all__ = [
     "CHECKPOINT_FOLDER",
     "MG3DCLI",
+    "FinalMetricsInLastCheckpoint",
+    "StepsProgressBar",
     "fix_checkpoint_dirs",
     "follow_default_root_dir",
     "main",
@@ -102,10 +105,57 @@ def overridden_settings(before: Any, after: Any, prefix: str = "model") -> list[
     return [f"{prefix}.{k}: {old[k]!r} → {new[k]!r}" for k in sorted(new) if k in old and old[k] != new[k]]
 
 
+class StepsProgressBar(RichProgressBar):
+    """Rich progress bar that names the step budget of a run bounded by ``max_steps`` (``max_epochs: -1``):
+    Lightning's own shows ``Epoch 1/-2`` there."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        trainer = self.trainer
+        if trainer.max_epochs in (None, -1) and trainer.max_steps and trainer.max_steps > 0:
+            text = f"Epoch {current_epoch} (max_steps {trainer.max_steps})"
+            return f"{text:{len(self.validation_description)}}"
+        return super()._get_train_description(current_epoch)
+
+
+class FinalMetricsInLastCheckpoint(Callback):
+    """Write the module's final held-out results into ``last.ckpt`` after fit.
+
+    ``GRPOModule`` evaluates the trained policy in ``on_train_end``, after the last checkpoint was saved, so that
+    checkpoint (and a bundle exported from it) would carry the warm start's metrics. Only the
+    ``mg3d_eval_results`` entry changes; the rewrite is atomic and weights-only like every mg3d checkpoint write.
+    """
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        results = getattr(pl_module, "eval_results", None)
+        if not trainer.is_global_zero or not results:
+            return
+        from mg3d.checkpointing import AtomicCheckpointIO
+
+        for callback in trainer.checkpoint_callbacks:
+            path = getattr(callback, "last_model_path", "")
+            if not path or not Path(path).is_file():
+                continue
+            checkpoint = load_checkpoint_safely(path)
+            if checkpoint.get("global_step") != trainer.global_step:
+                continue  # not this run's final state
+            if checkpoint.get("mg3d_eval_results") == results:
+                continue
+            checkpoint["mg3d_eval_results"] = dict(results)
+            AtomicCheckpointIO().save_checkpoint(checkpoint, path)
+
+
 class MG3DCLI(LightningCLI):
     """LightningCLI with mg3d's model, DataModule and defaults."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # User code (modality presets, rewards, adapters): imported before any class is built and saved with the
+        # checkpoint (the DataModule's state), so evaluate.py / export_bundle.py / bundles need nothing extra.
+        parser.add_argument(
+            "--imports",
+            type=list[str],
+            default=[],
+            help="user modules to import first: dotted names or .py files (docs/extending.md)",
+        )
         # One seed drives the run: the tiny policy's init (unless policy.seed is set) and sampling (seed + rank),
         # and the data order and augmentation (seed + rank). The phantoms keep their own synthetic.seed, so
         # runs with different seeds train on the same benchmark.
@@ -127,7 +177,7 @@ class MG3DCLI(LightningCLI):
                     },
                 ],
                 "trainer.callbacks": [
-                    {"class_path": "lightning.pytorch.callbacks.RichProgressBar"},
+                    {"class_path": "mg3d.cli.StepsProgressBar"},
                     {
                         "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                         "init_args": {"save_last": True, "every_n_train_steps": 100},
@@ -142,6 +192,11 @@ class MG3DCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
+        import_user_modules(config.get("imports") or [])
+        # Preset names and options, and source paths, are checked here: before any model is built.
+        data = config.get("data")
+        if data is not None and data.get("sources") is not None:
+            check_sources(data.get("sources"))
         if config.get("trainer") is not None:
             follow_default_root_dir(config["trainer"])
 
@@ -149,15 +204,17 @@ class MG3DCLI(LightningCLI):
         """LightningCLI's merge of the hyper-parameters saved in an explicit ``--ckpt_path`` file, but read with
         :func:`mg3d.grounder.load_checkpoint_safely` (globals listed before unpickling, weights-only whatever
         torch's default): a crafted, foreign or truncated file stops the run with a ``ConfigError`` naming it."""
-        from mg3d.grounder import load_checkpoint_safely
-
         subcommand = self.config.get("subcommand")
         if not subcommand:
             return
         ckpt_path = self.config[subcommand].get("ckpt_path")
         if not ckpt_path or not Path(ckpt_path).is_file():  # "last", "best", … are resolved by the Trainer
             return
-        hparams = dict(load_checkpoint_safely(ckpt_path).get("hyper_parameters") or {})
+        checkpoint = load_checkpoint_safely(ckpt_path)
+        data_state = checkpoint.get(GroundingDataModule.__qualname__)
+        if isinstance(data_state, dict):  # the user code the checkpoint was trained with
+            user_modules_from(data_state.get("user_modules"), f"--ckpt_path {ckpt_path}")
+        hparams = dict(checkpoint.get("hyper_parameters") or {})
         hparams.pop("_instantiator", None)
         if not hparams:
             return
@@ -188,6 +245,7 @@ class MG3DCLI(LightningCLI):
         kwargs["plugins"] = with_atomic_checkpoint_io(plugins, kwargs.get("strategy", config.get("strategy")))
         trainer = super().instantiate_trainer(**kwargs)
         fix_checkpoint_dirs(trainer)
+        trainer.callbacks.append(FinalMetricsInLastCheckpoint())
         return trainer
 
 
@@ -208,6 +266,8 @@ def main(args: list[str] | None = None, run: bool = True) -> MG3DCLI:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     for message in _EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
+    # No prefix matching of option names: `--trainer.max_step` must be an error, not `max_steps`.
+    no_abbrev = {"allow_abbrev": False}
     return MG3DCLI(
         GRPOModule,
         GroundingDataModule,
@@ -215,4 +275,5 @@ def main(args: list[str] | None = None, run: bool = True) -> MG3DCLI:
         run=run,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={**no_abbrev, **{name: dict(no_abbrev) for name in LightningCLI.subcommands()}},
     )

@@ -20,6 +20,14 @@ class DataError(Mg3dError):
     """An input file, manifest line or record is missing, unreadable or inconsistent."""
 
 
+class SourceError(DataError):
+    """A bad input item. ``kind`` is a short stable code used to count skips in ``summary.json``."""
+
+    def __init__(self, message: str, kind: str = "invalid") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
 class ConfigError(Mg3dError):
     """A configuration value is invalid or inconsistent with another one."""
 

@@ -3,7 +3,7 @@
 :class:`Grounder` is the one object that evaluation (``scripts/evaluate.py``), the MONAI bundle
 (:mod:`mg3d.bundle`) and users call. It ties together what training used — the evaluation (deterministic)
 data pipeline of :mod:`mg3d.data.transforms`, the prompt set-up of :class:`~mg3d.grounding.GroundingPrompter`
-and greedy generation of :func:`~mg3d.grpo.rollout.generate_completions` — so a box predicted here is the box
+and greedy generation of :func:`~mg3d.generation.generate_completions` — so a box predicted here is the box
 ``GRPOModule.predict_samples`` would predict for the same sample.
 
 Two rules keep predictions honest and reproducible:
@@ -20,15 +20,11 @@ Two rules keep predictions honest and reproducible:
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import os
 import pickle
-import re
 import warnings
-import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,419 +32,53 @@ import numpy as np
 import torch
 
 import mg3d
-from mg3d.boxes import clip_boxes, voxel_to_world
-from mg3d.data.readers import read_sitk_header
+from mg3d.boxes import voxel_to_world
+from mg3d.checkpointing import PICKLED_WEIGHTS, load_checkpoint_safely, unpickler_reason
 from mg3d.data.records import GroundingRecord, record_from_dict
 from mg3d.data.transforms import Pipeline, PipelineConfig, build_pipeline, record_to_item
+from mg3d.data.user_modules import UserModule, user_modules_from
 from mg3d.errors import ConfigError, DataError, Mg3dError
-from mg3d.grounding import GroundingPrompter, PromptBatch
-from mg3d.grpo.config import EvalConfig, PolicyConfig, PromptConfig
-from mg3d.grpo.rollout import RolloutConfig, check_stop_strings, generate_completions
-from mg3d.model import Policy, load_policy, save_policy
-from mg3d.prompts import ParsedCompletion
+from mg3d.evaluation import box_in_image
+from mg3d.generation import RolloutBackend, RolloutConfig, check_stop_strings
+from mg3d.grounding import GroundingPrompter, PromptBatch, PromptConfig, predict
+from mg3d.inference_settings import (
+    INFERENCE_CONFIG_FORMAT,
+    INFERENCE_CONFIG_NAME,
+    INFERENCE_CONFIG_VERSION,
+    _check_overrides,
+    _pipeline_from,
+    _pipeline_to_dict,
+    _prompt_from,
+    _read_inference_config,
+    _saved_setting,
+    check_input_kind,
+    copy_user_modules,
+    modalities_from,
+    pipelines_from_hparams,
+)
+from mg3d.lora import merge_lora
+from mg3d.model import Policy, PolicyConfig, load_policy, save_policy
+from mg3d.predictions import InferenceInput, Prediction, probe_image
+from mg3d.prompts import default_max_new_tokens
 
 __all__ = [
     "INFERENCE_CONFIG_NAME",
     "Grounder",
     "InferenceInput",
     "Prediction",
-    "load_checkpoint_safely",
+    "load_checkpoint_safely",  # re-exported from mg3d.checkpointing, its home
     "pipelines_from_hparams",
     "probe_image",
 ]
 
-#: Written next to the weights by :meth:`Grounder.save_pretrained`: prompt, generation and pipeline settings.
-INFERENCE_CONFIG_NAME = "mg3d_inference.json"
-INFERENCE_CONFIG_FORMAT = "mg3d-inference"
-INFERENCE_CONFIG_VERSION = 1
 
 #: The modality assumed for inputs that do not name one (the presets of ``mg3d.data.modalities``).
 DEFAULT_MODALITY: dict[int, str] = {2: "CXR", 3: "CT"}
-DEFAULT_MAX_NEW_TOKENS = EvalConfig().max_new_tokens
 
-_OVERRIDES_COMMON = ("prompt", "pipelines", "max_new_tokens", "stop_strings", "default_modality", "device")
+_OVERRIDES_COMMON = ("prompt", "pipelines", "max_new_tokens", "stop_strings", "default_modality", "device",
+                     "modalities", "allow_mismatch")  # fmt: skip
 _OVERRIDES_CKPT = (*_OVERRIDES_COMMON, "policy")
 _OVERRIDES_PRETRAINED = (*_OVERRIDES_COMMON, "dtype", "attn_implementation")
-
-
-# ---------------------------------------------------------------------------------------------- results
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """One greedy answer, read back and mapped to the stored image's voxel frame (and to mm where known).
-
-    ``box_voxel`` follows DESIGN.md §2 (half-open voxel-edge box, MONAI axis order of the stored image), clipped
-    to the image as :mod:`mg3d.evaluation` scores it;
-    ``box_text`` is the same box on the grid the model saw; ``box_world_mm`` is the hull of the box's corners
-    through ``affine`` (RAS mm; exact for axis-aligned affines), ``None`` without geometry (radiographs).
-    ``frame`` is the :class:`~mg3d.boxes.CoordinateFrame` (as a dict) from the voxel frame to the text grid.
-    ``gt_boxes`` is empty when the input had no ground truth (bundle inputs).
-    """
-
-    id: str
-    dataset: str
-    text: str
-    ndim: int
-    completion: str
-    parsed: ParsedCompletion
-    box_text: tuple[float, ...] | None
-    box_voxel: tuple[float, ...] | None
-    box_world_mm: tuple[float, ...] | None
-    gt_boxes: tuple[tuple[float, ...], ...]
-    frame: dict[str, Any]
-    affine: tuple[tuple[float, ...], ...] | None
-    spacing: tuple[float, ...] | None
-    category: str | None
-    question_type: int | None
-    image: str
-    modality: str = ""
-    spatial_shape: tuple[int, ...] = ()
-    codec: str = ""
-
-    @property
-    def ok(self) -> bool:
-        """True when the completion gave a box that maps back to the voxel frame."""
-        return self.box_voxel is not None
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (the parse as its status, flags and detail)."""
-        return {
-            "id": self.id,
-            "dataset": self.dataset,
-            "image": self.image,
-            "phrase": self.text,
-            "modality": self.modality,
-            "ndim": self.ndim,
-            "spatial_shape": list(self.spatial_shape),
-            "completion": self.completion,
-            "parse_status": self.parsed.status.value,
-            "parse_flags": sorted(f.value for f in self.parsed.flags),
-            "parse_detail": self.parsed.detail,
-            "box_voxel": None if self.box_voxel is None else list(self.box_voxel),
-            "box_world_mm": None if self.box_world_mm is None else list(self.box_world_mm),
-            "box_text": None if self.box_text is None else list(self.box_text),
-            "gt_boxes": [list(b) for b in self.gt_boxes],
-            "category": self.category,
-            "question_type": self.question_type,
-            "spacing": None if self.spacing is None else list(self.spacing),
-            "affine": None if self.affine is None else [list(r) for r in self.affine],
-            "frame": self.frame,
-            "codec": self.codec,
-        }
-
-
-@dataclass(frozen=True)
-class InferenceInput:
-    """An image (file or DICOM series folder) and a phrase, without ground truth.
-
-    ``modality`` picks the intensity preset (default: the grounder's default for the image's ndim);
-    ``dataset`` picks a per-dataset pipeline when the grounder has one under that name.
-    """
-
-    image: str
-    phrase: str
-    id: str | None = None
-    modality: str | None = None
-    dataset: str | None = None
-
-
-@dataclass(frozen=True)
-class ImageInfo:
-    """What a header says without decoding pixels: ndim, spatial shape (MONAI axis order), geometry."""
-
-    ndim: int
-    spatial_shape: tuple[int, ...]
-    has_geometry: bool
-
-
-# ---------------------------------------------------------------------------------------------- image probing
-
-
-def probe_image(path: str | os.PathLike[str]) -> ImageInfo:
-    """Read only the header of an image to learn its ndim and spatial shape (in MONAI's axis order).
-
-    The pipeline's loader checks the decoded image against this shape, so a probe that disagreed with MONAI
-    would fail loudly, never shift a box. NIfTI, MetaImage/NRRD and DICOM series carry world geometry;
-    PNG/JPEG/2D DICOM radiographs and ``.npy`` arrays do not (as for records, DESIGN.md §3).
-    """
-    from mg3d.data.sources._common import read_image_header_2d, read_nifti, read_npy_header
-
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise DataError(f"{p}: image not found")
-    name = p.name.lower()
-    try:
-        if p.is_dir():
-            return _probe_sitk(p)
-        if name.endswith((".nii", ".nii.gz")):
-            header, _ = read_nifti(p, verify=False)
-            return ImageInfo(3, tuple(header.spatial_shape), True)
-        if name.endswith((".mhd", ".mha", ".nrrd", ".nhdr")):
-            return _probe_sitk(p)
-        if name.endswith(".npy"):
-            shape, _ = read_npy_header(p)
-            if len(shape) in (3, 4) and shape[0] == 1:
-                shape = shape[1:]
-            if len(shape) not in (2, 3):
-                raise DataError(
-                    f"{p}: array of shape {list(shape)} is neither one 2D image nor one 3D volume"
-                )
-            return ImageInfo(len(shape), tuple(shape), False)
-        header = read_image_header_2d(p, verify=False)
-        return ImageInfo(2, tuple(header.spatial_shape), False)
-    except DataError as err:
-        raise DataError(f"cannot use {p} as an input image: {err}") from None
-
-
-def _probe_sitk(path: Path) -> ImageInfo:
-    size, _dtype = read_sitk_header(path)  # headers only; refuses a claim above the voxel limit
-    if len(size) not in (2, 3):
-        raise DataError(f"{path}: {len(size)}D image; mg3d reads 2D images and 3D volumes")
-    return ImageInfo(len(size), size, len(size) == 3)
-
-
-# ---------------------------------------------------------------------------------------------- safe checkpoints
-
-# Weight files that are pickles (torch.save / legacy formats), named in refusals.
-_PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-
-
-def _config_dataclass(name: str) -> type | None:
-    """The class named ``module.Qualname`` when it is one of mg3d's plain configuration dataclasses."""
-    module_name, _, qualname = name.rpartition(".")
-    if not module_name.startswith("mg3d.") or not qualname.isidentifier():
-        return None
-    try:
-        obj = getattr(importlib.import_module(module_name), qualname, None)
-    except ImportError:
-        return None
-    if not (isinstance(obj, type) and dataclasses.is_dataclass(obj)):
-        return None
-    # Unpickling restores such an object as __new__ + __dict__ update; a class that customises that could run code.
-    if any(k in vars(obj) for k in ("__setstate__", "__reduce__", "__reduce_ex__", "__getattr__")):
-        return None
-    return obj
-
-
-def _unpickler_reason(err: BaseException) -> str:
-    """The informative part of torch's weights-only refusal (which global it met), not its advice paragraphs."""
-    for line in str(err).splitlines():
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", line)
-        if found:
-            return f"it references {found.group(1)}, which is not allowed"
-        if "WeightsUnpickler error" in line:
-            return line.split("WeightsUnpickler error:", 1)[-1].strip()[:200]
-    return f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}"
-
-
-def load_checkpoint_safely(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """``torch.load(weights_only=True)`` a Lightning checkpoint, allowing only mg3d's config dataclasses.
-
-    The globals a checkpoint references are listed *before* unpickling (``torch.serialization``'s scanner
-    reads the pickle opcodes, it runs nothing); anything outside tensors, plain containers and mg3d's
-    configuration dataclasses is refused with its name — a crafted pickle never gets to run its payload.
-    """
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise ConfigError(f"{p}: checkpoint file not found")
-    allowed: list[type] = []
-    if zipfile.is_zipfile(p):
-        try:
-            names = torch.serialization.get_unsafe_globals_in_checkpoint(str(p))
-        except Exception as err:  # a broken archive: zipfile/RuntimeError/ValueError from torch's reader
-            raise ConfigError(
-                f"{p}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})"
-            ) from None
-        refused = []
-        for name in names:
-            cls = _config_dataclass(name)
-            if cls is None:
-                refused.append(name)
-            else:
-                allowed.append(cls)
-        if refused:
-            raise ConfigError(
-                f"{p}: refused — the checkpoint references {sorted(refused)}, which mg3d never unpickles "
-                "(only tensors, plain containers and mg3d configuration dataclasses are loaded). If you wrote "
-                "this checkpoint yourself, export the model with save_pretrained (safetensors) instead."
-            )
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*pickle protocol.*")
-            with torch.serialization.safe_globals(allowed):
-                checkpoint = torch.load(str(p), weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError as err:
-        raise ConfigError(
-            f"{p}: refused by the safe (weights-only) loader ({_unpickler_reason(err)}). mg3d never unpickles "
-            "arbitrary objects; export the model with save_pretrained (safetensors) instead."
-        ) from None
-    except (RuntimeError, OSError, EOFError, ValueError) as err:
-        raise ConfigError(f"{p}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from None
-    if not isinstance(checkpoint, dict):
-        raise ConfigError(f"{p}: expected a Lightning checkpoint (a dict), got {type(checkpoint).__name__}")
-    return checkpoint
-
-
-# ---------------------------------------------------------------------------------------------- configs <-> JSON
-
-
-def _pipeline_to_dict(config: PipelineConfig) -> dict[str, Any]:
-    """Every field but ``augment`` (inference runs the deterministic pipeline only), JSON types."""
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(PipelineConfig):
-        if f.name == "augment":
-            continue
-        value = getattr(config, f.name)
-        out[f.name] = list(value) if isinstance(value, tuple) else value
-    out["preset_options"] = json.loads(json.dumps(out["preset_options"]))
-    return out
-
-
-def _pipeline_from(value: Any, where: str) -> PipelineConfig:
-    if isinstance(value, PipelineConfig):
-        return dataclasses.replace(value)
-    if not isinstance(value, Mapping):
-        raise ConfigError(
-            f"{where}: a pipeline must be a PipelineConfig or an object, got {type(value).__name__}"
-        )
-    known = {f.name for f in dataclasses.fields(PipelineConfig)}
-    unknown = sorted(set(value) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown pipeline field(s) {unknown}; known: {sorted(known)}")
-    try:
-        return PipelineConfig(**{k: v for k, v in value.items() if k != "augment"})
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{where}: invalid pipeline settings: {err}") from None
-
-
-def _prompt_from(value: Any, where: str, base: PromptConfig | None = None) -> PromptConfig:
-    if isinstance(value, PromptConfig):
-        return dataclasses.replace(value)
-    if not isinstance(value, Mapping):
-        raise ConfigError(
-            f"{where}: prompt settings must be a PromptConfig or an object, got {type(value).__name__}"
-        )
-    known = {f.name for f in dataclasses.fields(PromptConfig)}
-    unknown = sorted(set(value) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown prompt field(s) {unknown}; known: {sorted(known)}")
-    return dataclasses.replace(base or PromptConfig(), **dict(value))
-
-
-def _pipeline_ndims(config: PipelineConfig) -> tuple[int, ...]:
-    if config.spatial_size is not None:
-        return (len(config.spatial_size),)
-    if config.pixdim is not None:
-        return (3,)
-    return (2, 3)
-
-
-def _saved_setting(hparams: Mapping[str, Any], group: str, name: str) -> Any:
-    """One field of a config group saved in a checkpoint: a plain dict, or a dataclass (older checkpoints)."""
-    value = hparams.get(group)
-    return value.get(name) if isinstance(value, Mapping) else getattr(value, name, None)
-
-
-def pipelines_from_hparams(hparams: Any) -> dict[str, PipelineConfig | None]:
-    """Per-source pipeline settings found in a DataModule's saved hyper-parameters.
-
-    The DataModule keeps one :class:`PipelineConfig` per source; they are collected wherever they sit (as
-    dataclasses, or as objects under a ``pipeline`` key). Each is stored under the dataset name of the source
-    that holds it (a ``dataset``/``name`` field) and under ``"2d"``/``"3d"`` by the grid it fits; when two
-    different settings claim the same ``"Nd"`` key that key maps to ``None`` (ambiguous), and the grounder
-    refuses such records unless a dataset name or an explicit ``pipelines=`` override decides.
-    """
-    found: list[tuple[PipelineConfig, str | None]] = []
-
-    def context_name(obj: Any) -> str | None:
-        for key in ("dataset", "name"):
-            value = obj.get(key) if isinstance(obj, Mapping) else getattr(obj, key, None)
-            if isinstance(value, str) and value:
-                return value
-        return None
-
-    def walk(obj: Any, name: str | None, depth: int) -> None:
-        if depth > 8:
-            return
-        if isinstance(obj, PipelineConfig):
-            found.append((obj, name))
-            return
-        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-            here = context_name(obj) or name
-            for f in dataclasses.fields(obj):
-                walk(getattr(obj, f.name), here, depth + 1)
-        elif isinstance(obj, Mapping):
-            here = context_name(obj) or name
-            for key, value in obj.items():
-                if key in ("pipeline", "eval_pipeline") and isinstance(value, Mapping):
-                    found.append((_pipeline_from(value, f"datamodule hyper-parameter {key!r}"), here))
-                else:
-                    walk(value, here, depth + 1)
-        elif isinstance(obj, (list, tuple)):
-            for value in obj:
-                walk(value, name, depth + 1)
-
-    walk(hparams, None, 0)
-    out: dict[str, PipelineConfig | None] = {}
-    clashes: set[str] = set()
-    for config, name in found:
-        if name is not None:
-            out.setdefault(name, config)
-        for ndim in _pipeline_ndims(config):
-            key = f"{ndim}d"
-            known = out.get(key)
-            if known is not None and _pipeline_to_dict(known) != _pipeline_to_dict(config):
-                clashes.add(key)
-            out.setdefault(key, config)
-    for key in clashes:
-        out[key] = None
-    return out
-
-
-def _check_overrides(overrides: Mapping[str, Any], allowed: Sequence[str], who: str) -> None:
-    unknown = sorted(set(overrides) - set(allowed))
-    if unknown:
-        raise ConfigError(f"{who}: unknown override(s) {unknown}; allowed: {list(allowed)}")
-
-
-def _read_inference_config(folder: Path) -> dict[str, Any]:
-    path = folder / INFERENCE_CONFIG_NAME
-    if not path.is_file():
-        warnings.warn(
-            f"{folder}: no {INFERENCE_CONFIG_NAME}; using the default prompt and pipeline settings, which must "
-            "match how the model was trained (Grounder.save_pretrained writes this file)",
-            stacklevel=3,
-        )
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise ConfigError(f"{path}: cannot read the inference settings ({err})") from None
-    if not isinstance(data, dict) or data.get("format") != INFERENCE_CONFIG_FORMAT:
-        raise ConfigError(
-            f"{path}: not an mg3d inference settings file (expected format {INFERENCE_CONFIG_FORMAT!r})"
-        )
-    version = data.get("version")
-    if not isinstance(version, int) or version > INFERENCE_CONFIG_VERSION:
-        raise ConfigError(
-            f"{path}: settings version {version!r}; this mg3d reads up to {INFERENCE_CONFIG_VERSION}"
-        )
-    known = {
-        "format",
-        "version",
-        "mg3d_version",
-        "codec",
-        "prompt",
-        "pipelines",
-        "generation",
-        "default_modality",
-        "dtype",
-    }
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {unknown}; known: {sorted(known)}")
-    return data
 
 
 # ---------------------------------------------------------------------------------------------- the grounder
@@ -462,10 +92,18 @@ class Grounder:
         prompt: the prompt set-up the model was trained with (template, volume strategy, token budget, …).
         pipelines: evaluation pipeline settings by dataset name or ``"2d"``/``"3d"`` (looked up in that
             order; default ``PipelineConfig()``). Augmentation settings are ignored.
-        max_new_tokens: the generation budget (as the training module's held-out evaluation).
+        max_new_tokens: the generation budget (as the training module's held-out evaluation); ``None``: what
+            fits the prompt template (:func:`mg3d.prompts.default_max_new_tokens`). A warning names the
+            completions that reach it unfinished.
         stop_strings: generation ends right after any of these (the training rollout's, e.g. ``</answer>``).
-        default_modality: modality preset per ndim for inputs that do not name one.
+        default_modality: modality preset per ndim for inputs that do not name one (default: the one modality
+            the model was trained on for that ndim, else CT / CXR).
         device: where the model runs.
+        modalities: the modality keys the model was trained on, per ndim (from the checkpoint); an input of
+            another modality or ndim is refused with a one-line reason, ``None`` = unknown (not checked).
+        allow_mismatch: run such inputs anyway (each logged as a warning).
+        user_modules: the user code this model needs (copied by :meth:`save_pretrained`; the constructors take
+            it from the checkpoint, see :func:`mg3d.data.user_modules.import_user_module`).
     """
 
     def __init__(
@@ -474,24 +112,42 @@ class Grounder:
         *,
         prompt: PromptConfig | Mapping[str, Any] | None = None,
         pipelines: Mapping[str, PipelineConfig | Mapping[str, Any] | None] | None = None,
-        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        max_new_tokens: int | None = None,
         stop_strings: Sequence[str] = (),
         default_modality: Mapping[int | str, str] | None = None,
         device: str | torch.device = "cpu",
+        backend: RolloutBackend | None = None,
+        modalities: Mapping[int | str, Sequence[str]] | None = None,
+        allow_mismatch: bool = False,
+        user_modules: Sequence[UserModule] | None = None,
     ) -> None:
         self.policy = policy
+        #: what writes the completions: transformers ``generate`` (``None``), or any
+        #: :class:`~mg3d.generation.RolloutBackend` (e.g. a vLLM server on a cluster)
+        self.backend = backend
         self.prompt_config = _prompt_from(prompt or {}, "prompt")
-        self.prompter = GroundingPrompter.from_config(policy, self.prompt_config)
+        self.prompter = GroundingPrompter(policy, self.prompt_config)
         # ``None`` marks an ambiguous key (several different training pipelines claimed it): refused when used.
         self.pipelines: dict[str, PipelineConfig | None] = {
             str(k): None if v is None else _pipeline_from(v, f"pipelines[{k!r}]")
             for k, v in (pipelines or {}).items()
         }
+        if max_new_tokens is None:  # what fits the template: room to reason for <think> templates
+            max_new_tokens = default_max_new_tokens(self.prompt_config.template)
         if int(max_new_tokens) < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.max_new_tokens = int(max_new_tokens)
         self.stop_strings = check_stop_strings(stop_strings or ())
+        #: modality keys per ndim the model was trained on (``None``: unknown, inputs are not checked)
+        self.modalities: dict[int, tuple[str, ...]] | None = (
+            None if modalities is None else {int(k): tuple(v) for k, v in modalities.items()}
+        )
+        self.allow_mismatch = bool(allow_mismatch)
+        self.user_modules = list(user_modules or ())
         self.default_modality = dict(DEFAULT_MODALITY)
+        for ndim, keys in (self.modalities or {}).items():
+            if len(keys) == 1:  # what the model was trained on, not CT: a PET model preprocesses PET
+                self.default_modality[ndim] = keys[0]
         for k, v in (default_modality or {}).items():
             if str(k) not in ("2", "3"):
                 raise ConfigError(f"default_modality keys are 2 and 3 (ndim), got {k!r}")
@@ -520,6 +176,10 @@ class Grounder:
         _check_overrides(overrides, _OVERRIDES_CKPT, "Grounder.from_checkpoint")
         path = Path(ckpt_path).expanduser()
         checkpoint = load_checkpoint_safely(path)
+        data_state = checkpoint.get("GroundingDataModule")
+        data_state = data_state if isinstance(data_state, Mapping) else {}
+        # the user code it was trained with (presets, rewards) first: pipelines and prompts may name it
+        user_modules = user_modules_from(data_state.get("user_modules"), str(path))
         hparams = checkpoint.get("hyper_parameters") or {}
         if not isinstance(hparams, Mapping):
             raise ConfigError(f"{path}: 'hyper_parameters' is a {type(hparams).__name__}, expected a dict")
@@ -545,6 +205,8 @@ class Grounder:
                 f"{path}: the weights do not fit the policy described by its hyper-parameters: "
                 f"{str(err).splitlines()[0][:300]}"
             ) from None
+        if policy_config.lora is not None:
+            merge_lora(policy.model)  # inference runs (and bundles ship) the plain model, adapters folded in
         pipelines: dict[str, Any] = pipelines_from_hparams(
             checkpoint.get("datamodule_hyper_parameters") or {}
         )
@@ -560,10 +222,13 @@ class Grounder:
             policy,
             prompt=prompt,
             pipelines=pipelines,
-            max_new_tokens=int(overrides.get("max_new_tokens") or max_new or DEFAULT_MAX_NEW_TOKENS),
+            max_new_tokens=overrides.get("max_new_tokens") or max_new,  # None: the template's, as in training
             stop_strings=overrides.get("stop_strings", stops or ()),
             default_modality=overrides.get("default_modality"),
             device=overrides.get("device", "cpu"),
+            modalities=overrides.get("modalities", modalities_from(data_state.get("modalities"), str(path))),
+            allow_mismatch=bool(overrides.get("allow_mismatch", False)),
+            user_modules=user_modules,
         )
         results = checkpoint.get("mg3d_eval_results")
         grounder.checkpoint_info = {
@@ -585,6 +250,7 @@ class Grounder:
         folder = Path(model_dir).expanduser()
         settings = _read_inference_config(folder) if folder.is_dir() else {}
         where = str(folder / INFERENCE_CONFIG_NAME)
+        user_modules = user_modules_from(settings.get("user_modules"), where, base=folder)
         try:
             policy = load_policy(
                 folder,
@@ -594,10 +260,10 @@ class Grounder:
             )
         except pickle.UnpicklingError as err:
             # transformers reads a .bin weights-only and raises torch's long message: say which file and why
-            pickled = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in _PICKLED_WEIGHTS)
+            pickled = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLED_WEIGHTS)
             raise ConfigError(
                 f"{folder}: refused — {', '.join(pickled) or 'a weights file'} cannot be loaded weights-only "
-                f"({_unpickler_reason(err)}); mg3d never unpickles model files. Export the model as safetensors "
+                f"({unpickler_reason(err)}); mg3d never unpickles model files. Export the model as safetensors "
                 "(Grounder.save_pretrained)."
             ) from None
         prompt = _prompt_from(settings.get("prompt") or {}, f"{where}: 'prompt'")
@@ -614,12 +280,14 @@ class Grounder:
             policy,
             prompt=prompt,
             pipelines=pipelines,
-            max_new_tokens=int(
-                overrides.get("max_new_tokens") or generation.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS
-            ),
+            # A plain model folder has no settings file: the template's default budget (Grounder.__init__).
+            max_new_tokens=overrides.get("max_new_tokens") or generation.get("max_new_tokens"),
             stop_strings=overrides.get("stop_strings", generation.get("stop_strings") or ()),
             default_modality=overrides.get("default_modality") or settings.get("default_modality"),
             device=overrides.get("device", "cpu"),
+            modalities=overrides.get("modalities", modalities_from(settings.get("modalities"), where)),
+            allow_mismatch=bool(overrides.get("allow_mismatch", False)),
+            user_modules=user_modules,
         )
 
     # -- export ------------------------------------------------------------------------------------------
@@ -644,11 +312,19 @@ class Grounder:
                 k: None if v is None else _pipeline_to_dict(v) for k, v in sorted(self.pipelines.items())
             },
             "default_modality": {str(k): v for k, v in sorted(self.default_modality.items())},
+            "modalities": None
+            if self.modalities is None
+            else {str(k): list(v) for k, v in sorted(self.modalities.items())},
+            "user_modules": [
+                {"name": m.name, "file": None if m.file is None else f"user_modules/{Path(m.file).name}"}
+                for m in self.user_modules
+            ],
         }
 
     def save_pretrained(self, out_dir: str | os.PathLike[str]) -> Path:
         """Write the policy (safetensors), tokenizer, image processor and ``mg3d_inference.json``."""
         folder = save_policy(self.policy, out_dir)
+        copy_user_modules(self.user_modules, folder / "user_modules")
         text = json.dumps(self.inference_settings(), indent=2, ensure_ascii=False, allow_nan=False)
         (folder / INFERENCE_CONFIG_NAME).write_text(text + "\n", encoding="utf-8")
         return folder
@@ -692,6 +368,8 @@ class Grounder:
             r if isinstance(r, GroundingRecord) else record_from_dict(r, where=f"record {i}")
             for i, r in enumerate(records)
         ]
+        for r in recs:
+            check_input_kind(self.modalities, r.modality, r.ndim, f"record {r.id!r}", self.allow_mismatch)
         jobs = [(_record_item(r), r) for r in recs]
         return self._predict(jobs, batch_size, progress)
 
@@ -721,6 +399,9 @@ class Grounder:
         info = probe_image(x.image)
         modality = x.modality or self.default_modality[info.ndim]
         rid = x.id or f"{index:04d}_{_stem(x.image)}"
+        check_input_kind(
+            self.modalities, modality, info.ndim, f"input {rid!r} ({x.image})", self.allow_mismatch
+        )
         return {
             "image": str(Path(x.image).expanduser()),
             "id": rid,
@@ -778,38 +459,50 @@ class Grounder:
     @torch.no_grad()
     def _predict_batch(self, chunk: list[tuple[dict[str, Any], GroundingRecord | None]]) -> list[Prediction]:
         samples = [self._sample(item) for item, _ in chunk]
-        batch = self.prompter.build(samples)
         config = RolloutConfig.one_per_prompt(self.max_new_tokens, stop_strings=self.stop_strings)
-        rollout = generate_completions(self.policy, batch.inputs, config)
-        index = rollout.prompt_index.tolist()
-        decoded = self.prompter.decode(rollout.texts, batch, index)
+        predicted = predict(self.prompter, samples, config, self.backend)
+        batch = predicted.batch
+        cut = [str(item["id"]) for (item, _), t in zip(chunk, predicted.truncated) if t]
+        if cut:
+            warnings.warn(
+                f"{len(cut)} of {len(chunk)} completions reached max_new_tokens={self.max_new_tokens} unfinished "
+                f"(records {', '.join(cut[:5])}{', …' if len(cut) > 5 else ''}); their answers may be cut: "
+                "raise max_new_tokens (Grounder(max_new_tokens=…), or generation.max_new_tokens in "
+                f"{INFERENCE_CONFIG_NAME})",
+                stacklevel=3,
+            )
         out = []
-        for i, ((item, record), dec) in enumerate(zip(chunk, decoded)):
+        for i, ((item, record), answer) in enumerate(zip(chunk, predicted.answers)):
             sample = samples[i]
             affine = sample.get("affine")
             box_voxel = None
-            if dec.box_voxel is not None:
-                # The region a box denotes is its part inside the image (as mg3d.evaluation scores it).
-                inside = clip_boxes(np.asarray(dec.box_voxel)[None], batch.frames[i].source_shape)[0]
+            if answer.box_source is not None:
+                # The region a box denotes is its part inside the image (mg3d's one scoring convention).
+                inside = box_in_image(answer.box_source, batch.voxel_to_text[i].source_shape)
                 box_voxel = tuple(float(v) for v in inside)
             world = None
             if box_voxel is not None and affine is not None:
                 world = tuple(float(v) for v in voxel_to_world(np.asarray(box_voxel), affine)[0])
             gt = () if record is None else tuple(tuple(float(v) for v in b) for b in record.boxes)
-            spacing = sample.get("spacing")
+            # the stored frame's voxel size, as box_voxel and affine (the sample's own is the model grid's)
+            spacing = (
+                None
+                if affine is None
+                else np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+            )
             out.append(
                 Prediction(
                     id=str(item["id"]),
                     dataset=str(item["dataset"]),
                     text=str(item["text"]),
                     ndim=int(item["ndim"]),
-                    completion=rollout.texts[i],
-                    parsed=dec.parsed,
-                    box_text=None if dec.box_text is None else tuple(float(v) for v in dec.box_text),
+                    completion=predicted.texts[i],
+                    parsed=answer.parsed,
+                    box_text=None if answer.box_text is None else tuple(float(v) for v in answer.box_text),
                     box_voxel=box_voxel,
                     box_world_mm=world,
                     gt_boxes=gt,
-                    frame=batch.frames[i].to_dict(),
+                    frame=batch.voxel_to_text[i].to_dict(),
                     affine=None if affine is None else tuple(tuple(float(v) for v in row) for row in affine),
                     spacing=None if spacing is None else tuple(float(v) for v in spacing),
                     category=item.get("category"),
@@ -836,7 +529,7 @@ def _record_item(record: GroundingRecord) -> dict[str, Any]:
     item = record_to_item(record)
     item["boxes"] = np.zeros((0, 2 * record.ndim))
     item.pop("mask", None)
-    item.pop("mask_label", None)
+    item.pop("target_label", None)
     return item
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,15 +24,14 @@ from transformers import (
     PreTrainedTokenizerBase,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
-    Qwen2_5_VLProcessor,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
-    Qwen2VLProcessor,
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from mg3d.chat_template import build_byte_level_tokenizer
 from mg3d.errors import ConfigError
+from mg3d.lora import LoRAConfig, apply_lora
 
 Family = Literal["qwen2.5-vl", "qwen2-vl"]
 
@@ -45,6 +44,8 @@ MM_TYPE_VIDEO = 2
 
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
 _IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
+#: Released Qwen-VL folders keep the chat template in the processor's file, not in the tokenizer config.
+_CHAT_TEMPLATE_FILE = "chat_template.json"
 
 
 @dataclass
@@ -56,6 +57,9 @@ class Policy:
     processor: Qwen2VLImageProcessorPil
     codec_name: str
     family: Family
+    #: ``(min_pixels, max_pixels)`` of one image from the checkpoint folder's ``preprocessor_config.json``;
+    #: ``None`` for the tiny in-memory policy (its prompter keeps mg3d's own defaults).
+    pixel_limits: tuple[int, int] | None = None
 
     # -- vision geometry -------------------------------------------------------------------------------
     @property
@@ -250,7 +254,9 @@ def build_tiny_policy(
     tie_word_embeddings: bool = True,
     extra_tokens: Sequence[str] = (),
     min_pixels: int = 56 * 56,
-    max_pixels: int = 224 * 224,
+    # The prompter's default image budget (1024 tokens of 28²), so the TRL path and a saved-then-reloaded tiny
+    # model size images as the prompter does (mg3d.tokenization.VisionSpec.image_budget).
+    max_pixels: int = 1024 * 28 * 28,
     seed: int = 0,
     dtype: str | torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
@@ -457,12 +463,45 @@ def load_policy(
     except (OSError, ValueError) as err:
         raise ConfigError(f"{folder}: cannot load the tokenizer ({err})") from err
     tokenizer.padding_side = "left"
+    if getattr(tokenizer, "chat_template", None) is None:
+        tokenizer.chat_template = _read_chat_template(folder)
     _set_generation_tokens(model, tokenizer)
     processor = _load_image_processor(folder, model.config.vision_config, min_pixels, max_pixels)
     _configure(model, freeze_vision=freeze_vision, gradient_checkpointing=gradient_checkpointing)
     return Policy(
-        model=model, tokenizer=tokenizer, processor=processor, codec_name=codec_name or family, family=family
+        model=model,
+        tokenizer=tokenizer,
+        processor=processor,
+        codec_name=codec_name or family,
+        family=family,
+        pixel_limits=processor_pixel_limits(processor),
     )
+
+
+def _read_chat_template(folder: Path) -> str | None:
+    """The template of ``chat_template.json`` (``{"chat_template": "..."}``), or ``None`` when there is none."""
+    path = folder / _CHAT_TEMPLATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read the chat template ({err})") from err
+    template = data.get("chat_template") if isinstance(data, dict) else None
+    if not isinstance(template, str) or not template.strip():
+        raise ConfigError(f"{path}: expected an object with a non-empty 'chat_template' string")
+    return template
+
+
+def processor_pixel_limits(processor: Qwen2VLImageProcessorPil) -> tuple[int, int] | None:
+    """``(min_pixels, max_pixels)`` of a Qwen-VL image processor (its ``size`` shortest/longest edge)."""
+    size = dict(getattr(processor, "size", None) or {})
+    lo, hi = size.get("shortest_edge"), size.get("longest_edge")
+    if lo is None or hi is None:
+        return None
+    if not 1 <= int(lo) <= int(hi):
+        raise ConfigError(f"image processor pixel limits min={lo}, max={hi} are not 1 <= min <= max")
+    return int(lo), int(hi)
 
 
 def save_policy(policy: Policy, path: str | Path) -> Path:
@@ -476,61 +515,87 @@ def save_policy(policy: Policy, path: str | Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------
-# a processor for TRL
+# configuration (LightningCLI reads it as model.policy)
 # ---------------------------------------------------------------------------------------------------
-class _WithoutVideoProcessor:
-    """Builds a Qwen-VL processor from an image processor and a tokenizer only.
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-    transformers' Qwen processors want a video processor, and the only one there is needs torchvision, which
-    has no wheel for the pinned CPU torch. ``ProcessorMixin`` takes its sub-processors from the ``__init__``
-    signature, so leaving ``video_processor`` out of it makes the processor image + text only: type checks,
-    ``save_pretrained`` and ``from_pretrained`` then work. Videos cannot be processed (there is nothing to
-    process them with).
+
+@dataclass
+class PolicyConfig:
+    """Which policy to train: a local Qwen2-VL / Qwen2.5-VL checkpoint folder, or the tiny offline model.
+
+    Args:
+        checkpoint: a local ``save_pretrained`` folder (weights, tokenizer, preprocessor); ``None`` builds the
+            tiny randomly initialised model from the sizes below (the CPU default: nothing is downloaded).
+        family: ``qwen2.5-vl`` or ``qwen2-vl`` (tiny model only; a checkpoint says what it is).
+        dtype: ``float32``, ``bfloat16`` or ``float16`` (``auto`` keeps a checkpoint's own).
+        attn_implementation: e.g. ``sdpa``, ``flash_attention_2`` (GPU), or ``None`` for the default.
+        freeze_vision: keep the vision tower fixed (fewer trainable parameters; common for 7B runs).
+        gradient_checkpointing: trade compute for memory on large models.
+        seed: initialisation seed of the tiny model; ``None`` (default) uses the run's seed (``GRPOModule``
+            passes its ``sampling_seed``, which the CLI links to ``seed_everything``), so seeds vary the init.
+        lora: train LoRA adapters, not every weight (:class:`mg3d.lora.LoRAConfig`); ``None``: full training.
+        extra_tokens: tokens added to the tiny tokenizer as single tokens (e.g. ``<answer>``), so short answers
+            cost fewer decoding steps.
     """
 
-    def __init__(
-        self,
-        image_processor: Any = None,
-        tokenizer: Any = None,
-        chat_template: str | None = None,
-        **kwargs: Any,
-    ) -> None:
-        kwargs.pop("video_processor", None)
-        super().__init__(  # type: ignore[call-arg]
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            video_processor=None,
-            chat_template=chat_template,
-            **kwargs,
+    checkpoint: str | None = None
+    family: Literal["qwen2.5-vl", "qwen2-vl"] = "qwen2.5-vl"
+    hidden_size: int = 256
+    intermediate_size: int = 512
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    vision_depth: int = 2
+    vision_hidden: int = 128
+    vision_intermediate: int = 256
+    seed: int | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: str | None = None
+    freeze_vision: bool = False
+    gradient_checkpointing: bool = False
+    extra_tokens: list[str] = field(default_factory=lambda: ["<answer>", "</answer>"])
+    lora: LoRAConfig | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):  # a checkpoint's saved hyper-parameters, or a plain mapping
+            self.lora = LoRAConfig(**self.lora)
+
+    def build(self, default_seed: int = 0) -> Policy:
+        """The policy (with its LoRA adapters when ``lora`` is set; see :meth:`_build_base` for the seed)."""
+        policy = self._build_base(default_seed)
+        if self.lora is not None:
+            apply_lora(policy.model, self.lora)
+        return policy
+
+    def _build_base(self, default_seed: int) -> Policy:
+        """The policy; a tiny model is initialised from ``seed``, or ``default_seed`` when ``seed`` is ``None``."""
+        if self.checkpoint is not None:
+            return load_policy(
+                self.checkpoint,
+                dtype="auto" if self.dtype == "auto" else _DTYPES[self.dtype],
+                attn_implementation=self.attn_implementation,
+                freeze_vision=self.freeze_vision,
+                gradient_checkpointing=self.gradient_checkpointing,
+            )
+        if self.dtype == "auto":
+            raise ConfigError(
+                "policy.dtype='auto' needs a checkpoint; the tiny model is built in float32 by default"
+            )
+        return build_tiny_policy(
+            family=self.family,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            vision_depth=self.vision_depth,
+            vision_hidden=self.vision_hidden,
+            vision_intermediate=self.vision_intermediate,
+            extra_tokens=tuple(self.extra_tokens),
+            seed=self.seed if self.seed is not None else default_seed,
+            dtype=_DTYPES[self.dtype],
+            attn_implementation=self.attn_implementation or "sdpa",
+            freeze_vision=self.freeze_vision,
+            gradient_checkpointing=self.gradient_checkpointing,
         )
-
-
-class ImageOnlyQwen2_5_VLProcessor(_WithoutVideoProcessor, Qwen2_5_VLProcessor):
-    """``Qwen2_5_VLProcessor`` with the PIL image processor and no video processor (see :func:`trl_image_processor`)."""
-
-
-class ImageOnlyQwen2VLProcessor(_WithoutVideoProcessor, Qwen2VLProcessor):
-    """``Qwen2VLProcessor`` with the PIL image processor and no video processor (see :func:`trl_image_processor`)."""
-
-
-_IMAGE_ONLY_PROCESSORS: dict[Family, type] = {
-    "qwen2.5-vl": ImageOnlyQwen2_5_VLProcessor,
-    "qwen2-vl": ImageOnlyQwen2VLProcessor,
-}
-
-
-def trl_image_processor(policy: Policy) -> Qwen2_5_VLProcessor | Qwen2VLProcessor:
-    """The policy's tokenizer, PIL image processor and chat template as one Qwen-VL processor, for TRL.
-
-    TRL's ``GRPOTrainer`` (and other HF trainers) take a VLM's inputs from a ``processing_class`` that turns
-    chat messages with images into ``input_ids`` + ``pixel_values`` + ``image_grid_thw`` +
-    ``mm_token_type_ids``. The stock Qwen-VL processors cannot be built here (their video processor needs
-    torchvision), so this one has none: 2D images and multi-image prompts work, videos (mg3d's volumes) do
-    not — train those with :class:`mg3d.grpo.module.GRPOModule`.
-    """
-    cls = _IMAGE_ONLY_PROCESSORS[policy.family]
-    return cls(
-        image_processor=policy.processor,
-        tokenizer=policy.tokenizer,
-        chat_template=policy.tokenizer.chat_template,
-    )

@@ -6,7 +6,7 @@ answer format and a rough localisation; GRPO then improves that policy. Real Qwe
 this stage, as MedGround-R1 does (its point: no cold-start SFT).
 
 The target answer is treated as a one-sample "rollout" so that the supervised loss runs through exactly the
-same log-probability code as GRPO (:func:`mg3d.grpo.rollout.completion_logprobs`): a prompt/answer
+same log-probability code as GRPO (:func:`mg3d.generation.completion_logprobs`): a prompt/answer
 concatenation bug cannot hide in a second implementation.
 """
 
@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 
 from mg3d.errors import DataError
+from mg3d.generation import Rollout, completion_logprobs
 from mg3d.grounding import PromptBatch
-from mg3d.grpo.rollout import Rollout, completion_logprobs
 from mg3d.model import Policy
 
 __all__ = ["answer_rollout", "sft_loss"]

@@ -1,5 +1,8 @@
 """Pictures of what a grounding model did: box overlays (2D and 3D), a best/median/worst gallery, training curves.
 
+(About 750 lines in one file: the three kinds of picture share the panel, colour and display-orientation
+conventions below.)
+
 Overlays are drawn in the **voxel frame** of the stored image (DESIGN.md §2): a 2D image ``(X, Y)`` is shown
 with x = column and y = row (as MONAI loads it, transposed for display); a volume ``(X, Y, Z)`` gets four
 panels — the axial slice (x →, y ↓), the coronal (x →, z ↑) and sagittal (y →, z ↑) slices through the
@@ -47,9 +50,11 @@ __all__ = [
     "OverlayLayout",
     "Panel",
     "curve_columns",
+    "display_axes",
     "load_image_array",
     "overlay_2d",
     "overlay_3d",
+    "overlay_prediction",
     "overlay_scored",
     "plot_training_curves",
     "select_cases",
@@ -340,21 +345,36 @@ def overlay_3d(
     center: Sequence[float] | None = None,
     size: int = 320,
     window: Sequence[float] | None = None,
+    affine: Any = None,
 ) -> OverlayLayout:
     """Axial, coronal, sagittal slices through the target centre and a z-MIP of a volume ``(X, Y, Z)``.
 
     The slices go through ``center`` (voxel-edge coordinates), by default the centre of the first ground-truth
-    box (else of the prediction). ``spacing`` (mm per voxel along x, y, z) sets the pixel aspect; ``size`` is
-    the longest physical side in pixels.
+    box (else of the prediction). ``spacing`` (mm per voxel along x, y, z of the *stored* volume) sets the pixel
+    aspect; ``size`` is the longest physical side in pixels. With the stored ``affine`` the volume and its boxes
+    are turned to radiological display orientation (:func:`display_axes`: axial with patient left on the image
+    right and anterior up, coronal and sagittal with superior up) and each panel edge is labelled R/L, A/P, S/I;
+    the returned layout then describes the turned volume. Without it the stored voxel order is drawn, unlabelled.
     """
     vol = _as_spatial(volume, 3, "overlay_3d volume")
     gts = _boxes(gt_boxes, 3, "overlay_3d gt_boxes")
     think = _boxes(think_boxes, 3, "overlay_3d think_boxes")
     pred = None if pred_box is None else _boxes(pred_box, 3, "overlay_3d pred_box")[0]
-    nx, ny, nz = vol.shape
     sp = np.ones(3) if spacing is None else np.asarray(spacing, dtype=np.float64)
     if sp.shape != (3,) or not np.all(np.isfinite(sp)) or np.any(sp <= 0):
         raise DataError(f"overlay_3d: spacing {spacing!r} must be three positive numbers")
+    edges: dict[str, tuple[str, str, str, str]] = {}
+    if affine is not None:
+        perm, flips = display_axes(affine)
+        shape = vol.shape
+        vol = _turn_volume(vol, perm, flips)
+        gts, think = _turn_boxes(gts, perm, flips, shape), _turn_boxes(think, perm, flips, shape)
+        pred = None if pred is None else _turn_boxes(pred[None], perm, flips, shape)[0]
+        sp = sp[perm]
+        if center is not None:
+            center = [shape[a] - center[a] if f else center[a] for a, f in zip(perm, flips)]
+        edges = _EDGE_LABELS
+    nx, ny, nz = vol.shape
     phys = np.asarray(vol.shape) * sp / sp.min()
     k = size / phys.max() * sp / sp.min()  # pixels per voxel along x, y, z
     wx, wy, hz = max(1, round(nx * k[0])), max(1, round(ny * k[1])), max(1, round(nz * k[2]))
@@ -386,9 +406,72 @@ def overlay_3d(
     for panel in panels:
         ax = _draw_panel(fig, (width, height), panel, planes[panel.name], vmin, vmax)
         _draw_boxes(ax, panel.axes, 3, gts, pred, think)
+        if panel.name in edges:
+            _edge_labels(ax, edges[panel.name])
     _header(fig, width, height, lines, n_phrase)
     out = _save(fig, path)
     return OverlayLayout(out, width, height, header, panels)
+
+
+#: Display orientation of the 3D pictures: x → patient left, y → posterior, z → superior (the pipelines' LPS).
+_DISPLAY = "LPS"
+_OPPOSITE = {"L": "R", "R": "L", "A": "P", "P": "A", "S": "I", "I": "S"}
+#: (left, right, top, bottom) edge letters of each panel of the LPS-turned volume (axial: y down, z up elsewhere)
+_EDGE_LABELS = {
+    "axial": ("R", "L", "A", "P"),
+    "mip": ("R", "L", "A", "P"),
+    "coronal": ("R", "L", "S", "I"),
+    "sagittal": ("A", "P", "S", "I"),
+}
+
+
+def display_axes(affine: Any) -> tuple[list[int], list[bool]]:
+    """Stored axis and flip for each display axis (L, P, S) of a volume with this (RAS) affine."""
+    import nibabel as nib
+
+    aff = np.asarray(affine, dtype=np.float64)
+    if aff.shape != (4, 4) or not np.all(np.isfinite(aff)):
+        raise DataError(f"a 3D picture's affine must be a finite 4×4 matrix, got shape {aff.shape}")
+    codes = nib.aff2axcodes(aff)
+    perm: list[int] = []
+    flips: list[bool] = []
+    for want in _DISPLAY:
+        axis = next((a for a, c in enumerate(codes) if c in (want, _OPPOSITE[want])), None)
+        if axis is None or axis in perm:
+            raise DataError(f"affine axis codes {codes} do not name each of L/R, A/P, S/I once")
+        perm.append(axis)
+        flips.append(codes[axis] != want)
+    return perm, flips
+
+
+def _turn_volume(vol: np.ndarray, perm: Sequence[int], flips: Sequence[bool]) -> np.ndarray:
+    out = np.transpose(vol, perm)
+    for axis, flip in enumerate(flips):
+        if flip:
+            out = np.flip(out, axis=axis)
+    return np.ascontiguousarray(out)
+
+
+def _turn_boxes(
+    boxes: np.ndarray, perm: Sequence[int], flips: Sequence[bool], shape: Sequence[int]
+) -> np.ndarray:
+    """Voxel-edge boxes of the stored volume → boxes of the turned one (exact: axis permutations and flips)."""
+    if boxes is None or not len(boxes):
+        return boxes
+    lo, hi = boxes[:, :3][:, perm], boxes[:, 3:][:, perm]
+    for axis, (src, flip) in enumerate(zip(perm, flips)):
+        if flip:
+            lo[:, axis], hi[:, axis] = shape[src] - hi[:, axis], shape[src] - lo[:, axis]
+    return np.concatenate([lo, hi], axis=1)
+
+
+def _edge_labels(ax: Any, letters: tuple[str, str, str, str]) -> None:
+    style = {"color": "yellow", "fontsize": FONT_PT, "fontweight": "bold", "transform": ax.transAxes}
+    left, right, top, bottom = letters
+    ax.text(0.02, 0.5, left, ha="left", va="center", **style)
+    ax.text(0.98, 0.5, right, ha="right", va="center", **style)
+    ax.text(0.5, 0.98, top, ha="center", va="top", **style)
+    ax.text(0.5, 0.02, bottom, ha="center", va="bottom", **style)
 
 
 def load_image_array(path: str | os.PathLike[str], ndim: int) -> np.ndarray:
@@ -466,7 +549,26 @@ def overlay_scored(
     gts = np.asarray(item.gt_boxes, dtype=np.float64)
     target = gts[row.best_gt]
     center = [(target[a] + target[a + 3]) / 2.0 for a in range(3)]
-    return overlay_3d(image, path, spacing=item.spacing, center=center, **kwargs)
+    spacing = item.spacing
+    if item.affine is not None:  # the stored frame's own voxel size (rows once carried the model grid's)
+        spacing = tuple(
+            float(v) for v in np.linalg.norm(np.asarray(item.affine, dtype=np.float64)[:3, :3], axis=0)
+        )
+    return overlay_3d(image, path, spacing=spacing, center=center, affine=item.affine, **kwargs)
+
+
+def overlay_prediction(
+    pred: Any, path: str | os.PathLike[str], *, window: Sequence[float] | None = None
+) -> OverlayLayout:
+    """Overlay of one Grounder / bundle prediction (:class:`mg3d.predictions.Prediction`) on its stored image:
+    the predicted box red, ground truth (records only) green, 3D volumes turned to display orientation and
+    labelled through the stored affine."""
+    image = load_image_array(_resolve(pred.image, None, pred.id), pred.ndim)
+    kwargs = {"gt_boxes": list(pred.gt_boxes) or None, "pred_box": pred.box_voxel, "phrase": pred.text,
+              "caption": f"{pred.modality} · {pred.parsed.status.value}", "window": window}  # fmt: skip
+    if pred.ndim == 2:
+        return overlay_2d(image, path, **kwargs)
+    return overlay_3d(image, path, spacing=pred.spacing, affine=pred.affine, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -52,6 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-root", type=Path, help="base folder of relative image paths (gallery)")
     parser.add_argument("--curves", type=Path, help="with --out: plot training curves from this metrics.csv")
     parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object on stdout")
+    parser.add_argument(
+        "--imports",
+        nargs="+",
+        default=[],
+        metavar="MODULE",
+        help="user modules to import first (a checkpoint already names the ones it was trained with)",
+    )
+    parser.add_argument(
+        "--allow-mismatch",
+        action="store_true",
+        help="predict on records whose modality or ndim the model was not trained on (logged)",
+    )
     return parser
 
 
@@ -62,8 +74,11 @@ def _model_predictions(args: argparse.Namespace) -> tuple[Iterable[Any], Any]:
 
     if args.manifest is None:
         raise SystemExit("error: --ckpt / --model need --manifest")
+    options = {"allow_mismatch": True} if args.allow_mismatch else {}
     grounder = (
-        Grounder.from_checkpoint(str(args.ckpt)) if args.ckpt else Grounder.from_pretrained(str(args.model))
+        Grounder.from_checkpoint(str(args.ckpt), **options)
+        if args.ckpt
+        else Grounder.from_pretrained(str(args.model), **options)
     )
     records = read_manifest(args.manifest)
     if args.limit is not None:
@@ -95,6 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: --gallery and --curves need --out", file=sys.stderr)
         return 2
     try:
+        from mg3d.data.user_modules import import_user_modules
+
+        import_user_modules(args.imports)
         codec: Any = args.codec
         image_root = args.image_root
         if args.predictions is not None:

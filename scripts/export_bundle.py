@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from mg3d.errors import Mg3dError
+from mg3d.errors import ConfigError, Mg3dError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--copyright", default="the authors of this model")
     parser.add_argument("--data-source", default=None, help="what the model was trained on")
     parser.add_argument(
-        "--eval-metrics", type=Path, default=None, help="a JSON object of metric name → number"
+        "--eval-metrics",
+        type=Path,
+        default=None,
+        help="metrics.json of scripts/evaluate.py, or a JSON object of metric name → number "
+        "(default: the held-out results the checkpoint recorded for its final model)",
+    )
+    parser.add_argument(
+        "--imports",
+        nargs="+",
+        default=[],
+        metavar="MODULE",
+        help="user modules to import first (a checkpoint already names the ones it was trained with)",
     )
     parser.add_argument(
         "--ndims", type=int, nargs="+", choices=[2, 3], default=None, help="image kinds to document"
@@ -53,14 +65,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def read_eval_metrics(path: Path) -> dict[str, float]:
+    """Metric name → number from ``evaluate.py``'s ``metrics.json`` (its ``metrics`` object) or a flat JSON object
+    of numbers; anything else is refused naming the file and the key."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"--eval-metrics {path}: cannot read a JSON object ({err})") from None
+    if isinstance(data, dict) and isinstance(data.get("metrics"), dict):
+        data = data["metrics"]  # scripts/evaluate.py's report: protocol, thresholds, … beside the numbers
+    if not isinstance(data, dict) or not data:
+        raise ConfigError(f"--eval-metrics {path}: expected a JSON object of metric name → number")
+    out: dict[str, float] = {}
+    for key, value in data.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"--eval-metrics {path}: metric {key!r} is {value!r}, not a finite number")
+        out[str(key)] = float(value)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from mg3d.bundle import SCHEMA_PATH, export_bundle, schema_sha256
+    from mg3d.data.user_modules import import_user_modules
 
     try:
+        import_user_modules(args.imports)
         metrics = None
         if args.eval_metrics is not None:
-            metrics = json.loads(args.eval_metrics.read_text(encoding="utf-8"))
+            metrics = read_eval_metrics(args.eval_metrics)
         path = export_bundle(
             args.ckpt or args.model,
             args.out,

@@ -3,10 +3,13 @@
 ``--kind ct3d``: CT-like volumes in the M3D-RefSeg layout (``sNNNN/ct.nii.gz``, ``mask.nii.gz``,
 ``text.json``, ``M3D_RefSeg_{train,test,all}.csv``), optionally with M3D's npy variant.
 ``--kind cxr2d``: chest radiographs in the MS-CXR and/or ChestX-ray8 layout.
-Every output folder gets ``phantom_truth.json`` (the generator's own boxes and phrases).
+``--kind mr3d`` / ``pet3d``: MR or PET volumes in the own-data layout (``images/``, ``masks/``, ``phrases.csv``)
+that ``prepare_data.py own`` imports (``--pet-units BQML`` writes PET in Bq/ml with dose/weight/time columns).
+The ct3d and cxr2d folders get ``phantom_truth.json`` (the generator's own boxes and phrases).
 
     python scripts/make_synthetic.py --kind ct3d --n 8 --seed 0 --out data/phantoms/ct
     python scripts/make_synthetic.py --kind cxr2d --n 20 --seed 0 --out data/phantoms/cxr --layout both
+    python scripts/make_synthetic.py --kind mr3d --n 12 --out data/phantoms/mr --shape 32 32 16
 """
 
 from __future__ import annotations
@@ -18,12 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from mg3d.data.synthetic import TRUTH_NAME, make_ct3d, make_cxr2d
+from mg3d.data.synthetic.own_volumes import make_own_volumes
 from mg3d.errors import Mg3dError
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kind", choices=("ct3d", "cxr2d"), required=True)
+    parser.add_argument("--kind", choices=("ct3d", "cxr2d", "mr3d", "pet3d"), required=True)
     parser.add_argument("--n", type=int, required=True, help="number of volumes / images")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True, help="output folder (created)")
@@ -50,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--questions", type=int, nargs=2, metavar=("TYPE0", "TYPE1"), help="CSV rows per region (3 2)"
     )
     ct.add_argument("--test-fraction", type=float, help="share of cases in M3D_RefSeg_test.csv (0.2)")
+    own = parser.add_argument_group("mr3d / pet3d (also --shape I J K, --spacing)")
+    own.add_argument("--pet-units", choices=("BQML",), help="pet3d: store Bq/ml (+ dose, weight, times)")
     cxr = parser.add_argument_group("cxr2d")
     cxr.add_argument("--layout", choices=("mscxr", "chestxray8", "both"), default="mscxr")
     cxr.add_argument("--kinds", nargs="+", help="finding kinds to draw (default: all the layout has)")
@@ -64,6 +70,14 @@ def _given(**values: Any) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> list[Path]:
+    if args.kind in ("mr3d", "pet3d"):
+        options = _given(shape=args.shape, spacing=args.spacing, pet_units=args.pet_units)
+        table = make_own_volumes(args.out, args.n, args.seed, modality=args.kind[:-2].upper(), **options)
+        return [
+            table,
+            *sorted((args.out / "images").glob("*.nii.gz")),
+            *sorted((args.out / "masks").glob("*")),
+        ]
     if args.kind == "ct3d":
         if args.shape is not None and len(args.shape) != 3:
             raise SystemExit("error: --shape for ct3d takes 3 sizes (I J K)")

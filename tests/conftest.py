@@ -29,3 +29,12 @@ def phantom_source(tmp_path_factory) -> SourceConfig:
     )
     GroundingDataModule([source]).prepare_data()
     return source
+
+
+@pytest.fixture(scope="session")
+def qwen_folder():
+    """A real-architecture Qwen2.5-VL folder (real tokenizer and vocabulary, 3B vision geometry, small random
+    layers, Instruct-style generation config with a repetition penalty), built once and cached on disk."""
+    from mg3d.testing import real_architecture_folder
+
+    return real_architecture_folder()

@@ -9,33 +9,35 @@ from hypothesis import strategies as st
 from scipy import ndimage
 
 from mg3d.boxes import (
-    AffineStep,
     Box,
-    CoordinateFrame,
     box_volumes,
     center_distance_mm,
     clip_boxes,
     convert_box_mode,
-    crop_step,
-    flip_step,
     giou_matrix,
     iou_matrix,
     mask_to_box,
-    pad_step,
     pair_giou,
     pair_iou,
+    validate_box,
+    validate_boxes,
+    voxel_to_world,
+    world_to_voxel,
+)
+from mg3d.errors import BoxError
+from mg3d.frames import (
+    AffineStep,
+    CoordinateFrame,
+    crop_step,
+    flip_step,
+    pad_step,
     reorient_step,
     resize_step,
     respace_step,
     rot90_step,
     step_from_dict,
-    validate_box,
-    validate_boxes,
-    voxel_to_world,
-    world_to_voxel,
     zoom_step,
 )
-from mg3d.errors import BoxError
 
 # --------------------------------------------------------------------------------------------------
 # strategies

@@ -29,13 +29,13 @@ from test_grounder import (
 from mg3d.bundle import (
     SCHEMA_PATH,
     BundleInference,
-    _output_name,
     export_bundle,
     load_bundle,
     read_inputs,
     schema_sha256,
     verify_bundle,
 )
+from mg3d.bundle.inference import _output_name
 from mg3d.errors import BundleError, ConfigError, DataError
 from mg3d.grounder import Grounder
 

@@ -16,8 +16,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mg3d.boxes import CoordinateFrame, coarsen_box, resize_step
+from mg3d.boxes import coarsen_box, pair_iou
 from mg3d.errors import BoxError, ConfigError
+from mg3d.frames import CoordinateFrame, resize_step
 from mg3d.grounding import GroundingPrompter
 from mg3d.model import build_tiny_policy
 from mg3d.prompts import parse_completion, strict_format_ok
@@ -145,7 +146,8 @@ EXPECTED = {
 
 def _targets(batch) -> list[RewardTarget]:
     return [
-        RewardTarget(batch.ids[i], boxes=batch.gt_boxes[i], frame=batch.frames[i]) for i in range(len(batch))
+        RewardTarget(batch.ids[i], boxes=batch.gt_boxes[i], frame=batch.voxel_to_text[i])
+        for i in range(len(batch))
     ]
 
 
@@ -172,9 +174,10 @@ def test_warm_start_target_earns_full_chain_of_box_reward_and_iou(policy) -> Non
     # slack 0: the answer lies inside the trail box itself, not only inside its 10 % margin
     np.testing.assert_allclose(ChainOfBoxReward(slack=0.0).score(scored), [1.0, 1.0])
     np.testing.assert_allclose(IoUReward().score(scored), [1.0, 1.0])
-    decoded = prompter.decode(answers, batch, [0, 1])
-    assert all(d.ok for d in decoded)
-    np.testing.assert_allclose(prompter.ious(decoded, batch, [0, 1]), [1.0, 1.0])
+    read = prompter.read(answers, batch, [0, 1])
+    assert all(a.ok for a in read)
+    ious = [pair_iou(a.box_source[None], gt[:1])[0] for a, gt in zip(read, batch.gt_boxes)]
+    np.testing.assert_allclose(ious, [1.0, 1.0])
 
 
 def test_empty_reasoning_leaves_the_chain_of_box_reward_nothing_to_score(policy) -> None:

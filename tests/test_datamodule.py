@@ -14,7 +14,7 @@ from jsonargparse import ArgumentParser
 from PIL import Image
 
 import mg3d.data.transforms as transforms
-from mg3d.boxes import CoordinateFrame, mask_to_box
+from mg3d.boxes import mask_to_box
 from mg3d.data.datamodule import (
     GroundingDataModule,
     SourceConfig,
@@ -25,6 +25,7 @@ from mg3d.data.datamodule import (
 from mg3d.data.records import GroundingRecord, MaskRef, write_manifest
 from mg3d.data.transforms import PipelineConfig
 from mg3d.errors import ConfigError, DataError
+from mg3d.frames import CoordinateFrame
 
 
 def make_ct_source(root: Path, n: int = 3, splits=("train", "val")) -> Path:

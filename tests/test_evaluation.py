@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mg3d.boxes import CoordinateFrame, crop_step, pair_iou, resize_step
+from mg3d.boxes import pair_iou
 from mg3d.errors import ConfigError, DataError
 from mg3d.evaluation import (
     GroundingEvaluator,
@@ -28,6 +28,7 @@ from mg3d.evaluation import (
     rescore,
     score_item,
 )
+from mg3d.frames import CoordinateFrame, crop_step, resize_step
 
 REPO = Path(__file__).resolve().parents[1]
 THINK = (

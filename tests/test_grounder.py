@@ -18,11 +18,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from mg3d.boxes import CoordinateFrame, clip_boxes, voxel_to_world
+from mg3d.boxes import clip_boxes, voxel_to_world
 from mg3d.data.datamodule import SourceConfig
 from mg3d.data.records import GroundingRecord
 from mg3d.data.transforms import PipelineConfig, build_pipeline, record_to_item
 from mg3d.errors import ConfigError, DataError
+from mg3d.frames import CoordinateFrame
 from mg3d.grounder import (
     INFERENCE_CONFIG_NAME,
     Grounder,
@@ -31,8 +32,9 @@ from mg3d.grounder import (
     pipelines_from_hparams,
     probe_image,
 )
-from mg3d.grounding import GroundingPrompter
-from mg3d.grpo.config import EvalConfig, PolicyConfig, PromptConfig
+from mg3d.grounding import GroundingPrompter, PromptConfig
+from mg3d.grpo.config import EvalConfig
+from mg3d.model import PolicyConfig
 from mg3d.sft import sft_loss
 
 # A policy small enough to learn the answer format in a few seconds (tiny-of-tiny; vision heads default to 4).
@@ -498,9 +500,9 @@ def test_grpo_module_checkpoint_matches_module_predictions(records, tmp_path: Pa
     """A real GRPOModule trained by a Lightning Trainer (warm start only), checkpointed, then read back."""
     import lightning.pytorch as pl
 
+    from mg3d.generation import RolloutConfig
     from mg3d.grpo.config import OptimConfig, WarmStartConfig
     from mg3d.grpo.module import GRPOModule
-    from mg3d.grpo.rollout import RolloutConfig
 
     samples = [build_pipeline(PIPELINES[f"{r.ndim}d"], r.ndim)(record_to_item(r)) for r in records]
     steps = 100  # warm start (as train_policy: no gradient clipping, linear decay); then one GRPO step
@@ -522,12 +524,12 @@ def test_grpo_module_checkpoint_matches_module_predictions(records, tmp_path: Pa
     trainer.save_checkpoint(path)
     module.eval()
     batch, texts, _ = module.predict_samples(samples)
-    decoded = module.prompter.decode(texts, batch, list(range(len(texts))))
+    decoded = module.prompter.read(texts, batch, list(range(len(texts))))
 
     grounder = Grounder.from_checkpoint(path, pipelines=PIPELINES)
     preds = list(grounder.predict_records(records, batch_size=len(records), progress=False))
     assert [p.completion for p in preds] == texts
-    assert sum(d.box_voxel is not None for d in decoded) >= 3, texts  # a meaningful comparison: boxes exist
+    assert sum(d.box_source is not None for d in decoded) >= 3, texts  # a meaningful comparison: boxes exist
     assert grounder.checkpoint_info["global_step"] == steps + 1
     # the rollout's stop strings carry over: the grounder generates as the module evaluates
     assert grounder.stop_strings == ("</answer>",)
@@ -538,5 +540,5 @@ def test_grpo_module_checkpoint_matches_module_predictions(records, tmp_path: Pa
         "</answer>",
     )
     for p, d, r in zip(preds, decoded, records):
-        expected = None if d.box_voxel is None else tuple(clip_boxes(d.box_voxel[None], r.spatial_shape)[0])
+        expected = None if d.box_source is None else tuple(clip_boxes(d.box_source[None], r.spatial_shape)[0])
         assert p.box_voxel == expected

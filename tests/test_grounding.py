@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from mg3d.boxes import CoordinateFrame, resize_step
+from mg3d.boxes import pair_iou
 from mg3d.errors import ConfigError, DataError
-from mg3d.grounding import GroundingPrompter, best_iou
+from mg3d.frames import CoordinateFrame, resize_step
+from mg3d.grounding import GroundingPrompter, PromptConfig
 from mg3d.grpo.schedule import PhaseSchedule
 from mg3d.model import build_tiny_policy
 from mg3d.sft import answer_rollout, sft_loss
@@ -49,23 +50,21 @@ def test_answer_decodes_to_ground_truth(policy, template):
     completions = (
         batch.answers if template in ("terse", "plain") else [f"<think>ok</think>{a}" for a in batch.answers]
     )
-    decoded = prompter.decode(completions, batch, [0, 1])
-    for d, gt, frame in zip(decoded, batch.gt_boxes, batch.frames):
-        assert d.ok, d.parsed
+    read = prompter.read(completions, batch, [0, 1])
+    for a, gt, frame in zip(read, batch.gt_boxes, batch.voxel_to_text):
+        assert a.ok, a.parsed
         # the codec rounds to the integer text grid: within half a text unit of the truth, per edge
         tol = np.tile(frame.text_scale(), 2) / 2 + 1e-6
-        assert np.all(np.abs(d.box_voxel - gt[0]) <= tol)
-    ious = prompter.ious(decoded, batch, [0, 1])
-    assert np.all(ious > 0.8)
+        assert np.all(np.abs(a.box_source - gt[0]) <= tol)
+        assert pair_iou(a.box_source[None], gt[:1])[0] > 0.8
 
 
 def test_failed_parse_scores_zero(policy):
     prompter = GroundingPrompter(policy, template="terse", system_prompt="")
     batch = prompter.build([_volume_sample("a", [8, 16, 2, 40, 48, 10])])
-    decoded = prompter.decode(["no box here", "<answer>[1,2,3]</answer>"], batch, [0, 0])
-    assert not decoded[0].ok and not decoded[1].ok
-    assert prompter.ious(decoded, batch, [0, 0]).tolist() == [0.0, 0.0]
-    assert best_iou(None, batch.gt_boxes[0]) == 0.0
+    read = prompter.read(["no box here", "<answer>[1,2,3]</answer>"], batch, [0, 0])
+    assert not read[0].ok and not read[1].ok
+    assert read[0].box_source is None and read[1].box_text is None
 
 
 def test_bad_sample_names_the_record(policy):
@@ -175,9 +174,17 @@ def test_coarse_box_trail_by_hand(policy):
         ({"warm_start_reasoning": "boxes"}, "warm_start_reasoning"),
         ({"trail_grid": (8,)}, "trail_grid"),
         ({"trail_grid": (8, 0, 4)}, "trail_grid"),
-        ({"trail_grid": (8.0, 8)}, "trail_grid"),
+        ({"trail_grid": (8.5, 8)}, "trail_grid"),
     ],
 )
 def test_bad_chain_of_box_settings_are_refused(policy, kwargs, match):
     with pytest.raises(ConfigError, match=match):
         GroundingPrompter(policy, template="chain_of_box", **kwargs)
+
+
+def test_prompter_settings_are_prompt_config_fields(policy):
+    """One home for prompt settings: keyword settings go through PromptConfig (its checks, its normalising)."""
+    prompter = GroundingPrompter(policy, template="chain_of_box", trail_grid=(8.0, "8"))
+    assert prompter.config == PromptConfig(template="chain_of_box", trail_grid=(8, 8))
+    with pytest.raises(ConfigError, match="PromptConfig fields"):
+        GroundingPrompter(policy, templat="r1")

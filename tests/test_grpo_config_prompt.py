@@ -13,10 +13,10 @@ import pickle
 import pytest
 import torch
 
+from mg3d.checkpointing import load_checkpoint_safely
 from mg3d.errors import ConfigError
-from mg3d.grounder import Grounder, load_checkpoint_safely
-from mg3d.grounding import GroundingPrompter
-from mg3d.grpo.config import PromptConfig
+from mg3d.grounder import Grounder
+from mg3d.grounding import GroundingPrompter, PromptConfig
 from mg3d.model import build_tiny_policy
 
 
@@ -63,11 +63,8 @@ def test_from_config_passes_the_fields_on() -> None:
         template="chain_of_box", instruction="terse", warm_start_reasoning="coarse_box", trail_grid=[16, 16]
     )
     prompter = GroundingPrompter.from_config(policy, cfg)
-    assert (prompter.instruction, prompter.warm_start_reasoning, prompter.trail_grid) == (
-        "terse",
-        "coarse_box",
-        (16, 16),
-    )
+    assert prompter.config is cfg  # the prompter reads its settings from its config: no field copied
+    assert GroundingPrompter(policy, cfg).config == cfg == GroundingPrompter(policy, **vars(cfg)).config
 
 
 def test_inference_settings_round_trip_the_new_fields(tmp_path) -> None:
@@ -81,7 +78,7 @@ def test_inference_settings_round_trip_the_new_fields(tmp_path) -> None:
     folder = grounder.save_pretrained(tmp_path / "bundle")
     loaded = Grounder.from_pretrained(folder)
     assert loaded.prompt_config == cfg
-    assert loaded.prompter.instruction == "terse" and loaded.prompter.trail_grid == (6, 10, 2)
+    assert loaded.prompter.config.instruction == "terse" and loaded.prompter.config.trail_grid == (6, 10, 2)
 
 
 def _pickled_before_the_new_fields() -> PromptConfig:

@@ -25,6 +25,7 @@ from trl.trainer.utils import nanstd as trl_nanstd
 from mg3d.errors import ConfigError, DataError
 from mg3d.grpo.loss import (
     ADVANTAGE_EPS,
+    CLIPPED_LOSS_TYPES,
     LOSS_TYPES,
     GRPOLossConfig,
     aggregate_loss,
@@ -74,11 +75,13 @@ def trl_compute_loss(
     trainer.epsilon_high = config.epsilon_high
     trainer.importance_sampling_level = config.importance_sampling_level
     trainer.top_entropy_quantile = config.top_entropy_quantile
-    trainer.off_policy_mask_threshold = None
+    trainer.off_policy_mask_threshold = config.off_policy_mask_threshold
     trainer.use_vllm = False
     trainer.vllm_importance_sampling_correction = False
     trainer.aux_loss_enabled = False
-    trainer._entropy_bonus_enabled = False
+    trainer._entropy_bonus_enabled = config.entropy_bonus_enabled
+    trainer.entropy_coef = config.entropy_coef
+    trainer.use_adaptive_entropy = False  # adaptive control: tests/test_grpo_loss_family.py
     trainer.current_gradient_accumulation_steps = grad_accum_steps
     trainer.max_completion_length = max_completion_length
     trainer.model = SimpleNamespace(training=training)
@@ -95,7 +98,14 @@ def trl_compute_loss(
         delta=config.delta,
         use_bias_correction_kl=config.kl_bias_correction,
         steps_per_generation=steps_per_generation,
-    )
+        **{
+            name: getattr(config, name)
+            for name in (
+                "sapo_temperature_pos", "sapo_temperature_neg",
+                "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg",
+            )
+        },
+    )  # fmt: skip
     loss = GRPOTrainer._compute_loss(trainer, None, inputs)
     mode = "train" if training else "eval"
     return loss, {key: values[-1] for key, values in trainer._metrics[mode].items()}
@@ -194,7 +204,7 @@ def test_loss_gradients_and_metrics_equal_trl(loss_type, beta, off_policy, geome
     assert set(metrics) == set(trl_metrics)
     for key, value in trl_metrics.items():
         assert metrics[key] == pytest.approx(value, abs=PARITY_TOL, nan_ok=True), key
-    if off_policy and variant != "sequence_level":
+    if off_policy and variant != "sequence_level" and loss_type in CLIPPED_LOSS_TYPES:
         assert metrics["clip_ratio/region_mean"] > 0  # the μ > 1 cases do exercise clipping
 
 
@@ -834,7 +844,9 @@ def test_advantages_sum_to_zero_per_group_and_are_bounded(drawn, mode):
     if mode == "group":  # |z| ≤ (G − 1)/√G for a sample-std z-score
         assert per_group.abs().max() <= (size - 1) / math.sqrt(size) + 1e-9
     zero = out.group_zero_std.repeat_interleave(size)
-    assert torch.all(out.advantages[zero].abs() < 1e-6)  # no learning signal in a zero-std group
+    # No learning signal in a zero-std group. "Zero" is torch.isclose's (σ ≤ 1e-8, as TRL), so |A| ≤ σ√G / 1e-4
+    # can reach ~1e-4 · √G (rewards [0, 6.2e-10] give 3.1e-6), not exactly 0.
+    assert torch.all(out.advantages[zero].abs() < 1e-4 * math.sqrt(size))
 
 
 @given(rewards_strategy, st.randoms(use_true_random=False))
@@ -880,7 +892,7 @@ def test_loss_finite_and_zero_advantage_gives_zero_policy_gradient(params):
     loss, metrics = grpo_loss(logps, torch.randn(rows, generator=gen), mask, config, **kwargs)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(logps.grad).all()
-    assert 0.0 <= metrics["clip_ratio/region_mean"] <= 1.0
+    assert 0.0 <= metrics.get("clip_ratio/region_mean", 0.0) <= 1.0
     zero = base.clone().requires_grad_(True)
     zero_loss, _ = grpo_loss(zero, torch.zeros(rows), mask, config, **kwargs)
     zero_loss.backward()

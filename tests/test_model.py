@@ -18,8 +18,8 @@ from mg3d.model import (
     merged_token_count,
     mrope_section,
     save_policy,
-    trl_image_processor,
 )
+from mg3d.trl_processor import trl_image_processor
 
 FAMILIES = ["qwen2.5-vl", "qwen2-vl"]
 

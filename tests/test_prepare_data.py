@@ -107,7 +107,8 @@ def test_main_in_process_errors_and_success(tmp_path: Path, capsys: pytest.Captu
     root = small_refseg(tmp_path, n_cases=2)
     (root / "s0001" / "mask.nii.gz").unlink()
     out = tmp_path / "out"
-    assert main(["m3d-refseg", "--root", str(root), "--out", str(out), "--no-progress"]) == 1
+    # a one-line error and exit code 2, like every script
+    assert main(["m3d-refseg", "--root", str(root), "--out", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err
     assert "M3D_RefSeg_test.csv:2: mask not found" in err and "s0001/mask.nii.gz" in err
@@ -119,7 +120,7 @@ def test_main_in_process_errors_and_success(tmp_path: Path, capsys: pytest.Captu
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert summary["skipped"]["by_kind"] == {"missing_file": 4}
     assert summary["records"]["total"] == 4
-    assert main(["mscxr-medrpg", "--image-root", str(tmp_path), "--out", str(out)]) == 1
+    assert main(["mscxr-medrpg", "--image-root", str(tmp_path), "--out", str(out)]) == 2
     assert "needs at least one of --train, --val, --test" in capsys.readouterr().err
 
 

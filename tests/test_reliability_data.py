@@ -409,7 +409,7 @@ def test_prepare_skip_reports_every_broken_item_with_its_reason(corpus, prepared
 
 @pytest.mark.parametrize("which", ["ct", "cxr"])
 def test_prepare_raise_stops_at_first_broken_item_naming_it(corpus, which, tmp_path, capsys):
-    assert _prepare(corpus, tmp_path / "out", which, "raise") == 1
+    assert _prepare(corpus, tmp_path / "out", which, "raise") == 2  # one-line error, exit 2 (every script)
     err = capsys.readouterr().err
     first = min((b for b in corpus.broken if b.csv == which and b.stage == "prepare"), key=lambda b: b.line)
     csv_name = (corpus.ct_csv if which == "ct" else corpus.cxr_csv).name
@@ -425,7 +425,7 @@ def test_non_utf8_csv_is_refused_as_a_whole_naming_the_file(corpus, tmp_path, ca
     bad.write_bytes(corpus.cxr_csv.read_bytes().replace(b"opacity", "opacit\u00e9".encode("latin-1"), 1))
     code = prepare_main(["mscxr", "--csv", str(bad), "--image-root", str(corpus.cxr_root), "--out",
                          str(tmp_path / "o"), "--on-error", "skip", "--no-progress"])  # fmt: skip
-    assert code == 1
+    assert code == 2
     assert "latin1.csv" in (err := capsys.readouterr().err) and "UTF-8" in err
 
 
@@ -525,10 +525,11 @@ def _corrupt_after_preparation(prepared: dict[str, Path], folder: Path) -> dict[
 
 
 def _module():
-    from mg3d.grpo.config import EvalConfig, OptimConfig, PromptConfig, WarmStartConfig
+    from mg3d.generation import RolloutConfig
+    from mg3d.grounding import PromptConfig
+    from mg3d.grpo.config import EvalConfig, OptimConfig, WarmStartConfig
     from mg3d.grpo.loss import GRPOLossConfig
     from mg3d.grpo.module import GRPOModule
-    from mg3d.grpo.rollout import RolloutConfig
 
     return GRPOModule(
         prompt=PromptConfig(template="terse", system_prompt="", max_vision_tokens=32),

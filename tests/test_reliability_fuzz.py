@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mg3d.boxes import CoordinateFrame, resize_step
+from mg3d.frames import CoordinateFrame, resize_step
 from mg3d.prompts import get_codec, parse_completion, strict_format_ok
 from mg3d.rewards import RewardTarget, available_rewards, build_reward
 

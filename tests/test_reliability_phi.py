@@ -118,10 +118,11 @@ def _outputs_with_phi(folder: Path) -> list[str]:
 def test_identifiers_never_leave_the_dicom_files(tmp_path, caplog):
     from mg3d.bundle import BundleInference, export_bundle
     from mg3d.evaluation import GroundingEvaluator
+    from mg3d.generation import RolloutConfig
     from mg3d.grounder import Grounder
-    from mg3d.grpo.config import EvalConfig, OptimConfig, PromptConfig, WarmStartConfig
+    from mg3d.grounding import PromptConfig
+    from mg3d.grpo.config import EvalConfig, OptimConfig, WarmStartConfig
     from mg3d.grpo.module import GRPOModule
-    from mg3d.grpo.rollout import RolloutConfig
 
     caplog.set_level(logging.DEBUG)
     inputs, out = tmp_path / "inputs", tmp_path / "out"

@@ -23,12 +23,12 @@ import torch
 from mg3d.checkpointing import (
     AtomicCheckpointIO,
     atomic_torch_save,
+    load_checkpoint_safely,
     remove_stale_temporaries,
     temporary_path,
     with_atomic_checkpoint_io,
 )
 from mg3d.errors import ConfigError
-from mg3d.grounder import load_checkpoint_safely
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_STEPS = 10

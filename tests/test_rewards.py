@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mg3d.boxes import CoordinateFrame, resize_step
 from mg3d.errors import ConfigError, DataError
+from mg3d.frames import CoordinateFrame, resize_step
 from mg3d.rewards import (
     PAPER_REWARDS,
     REWARD_REGISTRY,

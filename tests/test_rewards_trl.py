@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mg3d.boxes import CoordinateFrame, resize_step
 from mg3d.errors import DataError
+from mg3d.frames import CoordinateFrame, resize_step
 from mg3d.rewards import IoUReward, RewardSet
 from mg3d.rewards.trl_adapter import (
     TRLReward,
@@ -108,8 +108,9 @@ def test_inside_a_real_grpo_trainer_step(tmp_path: Path) -> None:
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from mg3d.model import build_tiny_policy, trl_image_processor
+    from mg3d.model import build_tiny_policy
     from mg3d.prompts import build_messages
+    from mg3d.trl_processor import trl_image_processor
 
     policy = build_tiny_policy(seed=0)
     processor = trl_image_processor(policy)

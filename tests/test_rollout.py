@@ -1,4 +1,4 @@
-"""Tests for mg3d.grpo.rollout: shared-prefill sampling and log-probs against the naive (repeated) path."""
+"""Tests for mg3d.generation: shared-prefill sampling and log-probs against the naive (repeated) path."""
 
 from __future__ import annotations
 
@@ -9,12 +9,11 @@ import pytest
 import torch
 
 from mg3d.errors import ConfigError
-from mg3d.grpo.rollout import (
+from mg3d.generation import (
     HFRolloutBackend,
     Rollout,
     RolloutBackend,
     RolloutConfig,
-    _completion_masks,
     completion_logprobs,
     cut_at_stop_strings,
     generate_completions,
@@ -22,6 +21,7 @@ from mg3d.grpo.rollout import (
     prompt_positions,
     replicate_prompt_inputs,
 )
+from mg3d.generation.sampling import _completion_masks
 from mg3d.model import Policy, build_tiny_policy
 
 
@@ -358,7 +358,9 @@ def test_replicate_prompt_inputs_keeps_items_with_their_prompt(policy: Policy) -
     assert torch.equal(rep["input_ids"], batch["input_ids"].repeat_interleave(3, 0))
 
 
-def test_prompt_positions_are_the_models(policy: Policy) -> None:
+def test_prompt_positions_follow_the_released_rule(policy: Policy) -> None:
+    """Up to the end of a video mg3d's positions are the model's; the text after it starts one past the
+    largest position of the video block (the released Qwen2.5-VL rule), not where transformers 5.23 puts it."""
     batch = video_batch(policy)
     pos = prompt_positions(policy, batch)
     ref, _ = policy.model.model.get_rope_index(
@@ -367,8 +369,15 @@ def test_prompt_positions_are_the_models(policy: Policy) -> None:
         video_grid_thw=batch["video_grid_thw"],
         attention_mask=batch["attention_mask"],
     )
-    assert torch.equal(pos, ref)
     assert not torch.equal(pos[0], pos[1])  # temporal and height positions differ on video tokens
+    for b in range(pos.shape[1]):
+        video = (batch["input_ids"][b] == policy.video_token_id).nonzero().flatten()
+        end = int(video[-1]) + 1
+        assert torch.equal(pos[:, b, :end], ref[:, b, :end])
+        after = pos[:, b, end:]
+        first = int(pos[:, b, video].max()) + 1
+        expected = torch.arange(first, first + after.shape[1]).expand(3, -1)
+        assert torch.equal(after, expected)
 
 
 @pytest.mark.parametrize("make_batch", [video_batch, image_batch])
@@ -398,11 +407,14 @@ def test_logprobs_match_a_plain_forward(policy: Policy) -> None:
         ids = ids[:, torch.cat([keep, torch.ones(n, dtype=torch.bool)])]  # drop the left padding
         types = torch.cat([batch["mm_token_type_ids"][:1, keep], torch.zeros(1, n, dtype=torch.long)], dim=1)
         rows = batch["video_grid_thw"][0].prod()
+        one = {"input_ids": ids, "mm_token_type_ids": types, "attention_mask": torch.ones_like(ids)}
+        one["video_grid_thw"] = batch["video_grid_thw"][:1]
         logits = policy.model(
             input_ids=ids,
             mm_token_type_ids=types,
             pixel_values_videos=batch["pixel_values_videos"][:rows],
             video_grid_thw=batch["video_grid_thw"][:1],
+            position_ids=prompt_positions(policy, one),  # released rule (the model's differs after a video)
         ).logits[0, -n - 1 : -1]
         ref = (
             torch.log_softmax(logits / t, dim=-1).gather(-1, rollout.completion_ids[0, :n, None]).squeeze(-1)

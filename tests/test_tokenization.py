@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from mg3d.boxes import CoordinateFrame, crop_step, flip_step, resize_step
 from mg3d.errors import BoxError, ConfigError, DataError
+from mg3d.frames import CoordinateFrame, crop_step, flip_step, resize_step
 from mg3d.model import build_tiny_policy
 from mg3d.prompts import build_messages, get_codec, render_prompt
 from mg3d.tokenization import (

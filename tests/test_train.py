@@ -20,10 +20,11 @@ import pytest
 import torch
 
 from mg3d.data.datamodule import GroundingDataModule, SourceConfig
-from mg3d.grpo.config import EvalConfig, OptimConfig, PromptConfig, WarmStartConfig
+from mg3d.generation import RolloutConfig
+from mg3d.grounding import PromptConfig
+from mg3d.grpo.config import EvalConfig, OptimConfig, WarmStartConfig
 from mg3d.grpo.loss import GRPOLossConfig
 from mg3d.grpo.module import GRPOModule, format_summary
-from mg3d.grpo.rollout import RolloutConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -27,7 +27,7 @@ from monai.transforms import (
 )
 from PIL import Image
 
-from mg3d.boxes import CoordinateFrame, clip_boxes, mask_to_box
+from mg3d.boxes import clip_boxes, mask_to_box
 from mg3d.data.readers import SimpleITKReader, read_spatial_header
 from mg3d.data.records import GroundingRecord, MaskRef
 from mg3d.data.transforms import (
@@ -48,6 +48,7 @@ from mg3d.data.transforms import (
     swap_laterality,
 )
 from mg3d.errors import BoxError, ConfigError, DataError
+from mg3d.frames import CoordinateFrame
 
 SETTINGS = settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]

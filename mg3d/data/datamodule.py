@@ -1,10 +1,13 @@
 """``GroundingDataModule``: several manifests (2D and 3D) mixed by weight, one pipeline per source.
 
+(About 660 lines: sources, their datasets, the bad-item policy and the resume state are one object's job;
+batching and the draw order live in :mod:`mg3d.data.batching`, patch sampling in :mod:`mg3d.data.sampling`.)
+
 Batch contract (what :func:`collate_samples` returns and ``GRPOModule.training_step`` receives)
 --------------------------------------------------------------------------------------------
 A ``list`` of per-sample dicts, each exactly the sample contract of ``mg3d.data.transforms`` —
 ``image`` (a 2D radiograph ``(C, x, y)`` can sit next to a volume ``(C, x, y, z)``), ``boxes`` (original
-voxel frame), ``target_boxes``, ``frame`` (:class:`~mg3d.boxes.CoordinateFrame`), ``text``, ``id``,
+voxel frame), ``target_boxes``, ``frame`` (:class:`~mg3d.frames.CoordinateFrame`), ``text``, ``id``,
 ``ndim``, ``modality``, ``spacing``, ``affine`` … Nothing is stacked: each phrase stays with its own
 visual, boxes and frame whatever their shapes, and Lightning still moves the tensors inside the dicts to
 the device. :func:`batch_columns` gives the same batch as a dict of aligned lists when that is handier.
@@ -35,8 +38,10 @@ item one extra time).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import sys
 from collections.abc import Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -45,10 +50,15 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
 from monai.transforms import MapTransform
-from torch.utils.data import ConcatDataset, Sampler, Subset
+from torch.utils.data import ConcatDataset, Subset
+from tqdm import tqdm
 
+from mg3d.data.batching import ResumableWeightedSampler, batch_columns, collate_samples
+from mg3d.data.modalities import check_preset_settings
+from mg3d.data.patch_config import PatchConfig
 from mg3d.data.records import SPLITS, GroundingRecord, read_manifest
 from mg3d.data.transforms import (
     AugmentConfig,
@@ -69,6 +79,7 @@ __all__ = [
     "RequireFinited",
     "SourceConfig",
     "batch_columns",
+    "check_sources",
     "collate_samples",
     "load_source_records",
 ]
@@ -145,6 +156,8 @@ class SourceConfig:
         pipeline: the source's pipeline options (model grid, orientation, preset, augmentations).
         max_records: keep only the first N records per split (quick experiments).
         synthetic: if set and ``path`` holds no manifest yet, write phantoms there first (``prepare_data``).
+        patches: train this source's 3D volumes on TorchIO patches of the model grid (volumes larger than the
+            model's budget; :class:`~mg3d.data.sampling.PatchConfig`); needs ``pipeline.spatial_size: null``.
     """
 
     path: str
@@ -153,12 +166,20 @@ class SourceConfig:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     max_records: int | None = None
     synthetic: SyntheticConfig | None = None
+    patches: PatchConfig | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.pipeline, Mapping):
             self.pipeline = PipelineConfig(**self.pipeline)
         if isinstance(self.synthetic, Mapping):
             self.synthetic = SyntheticConfig(**self.synthetic)
+        if isinstance(self.patches, Mapping):
+            self.patches = PatchConfig(**self.patches)
+        if self.patches is not None and self.pipeline.spatial_size is not None:
+            raise ConfigError(
+                f"source {self.label}: patches take the model grid from patches.patch_size; set "
+                "pipeline.spatial_size: null (the volume keeps its own grid and is cut into patches)"
+            )
         if not self.weight > 0:
             raise ConfigError(f"source {self.label}: weight must be positive, got {self.weight}")
         if self.max_records is not None and self.max_records <= 0:
@@ -167,6 +188,28 @@ class SourceConfig:
     @property
     def label(self) -> str:
         return self.name or Path(self.path).name
+
+
+def check_sources(sources: Sequence[Any], *, paths: bool = True) -> list[SourceConfig]:
+    """The sources of a config as :class:`SourceConfig`, refused before anything is built when a preset name or
+    option is unknown or (``paths``) a path without a ``synthetic`` block does not exist; errors name the entry."""
+    out: list[SourceConfig] = []
+    for i, raw in enumerate(sources):
+        value = raw.as_dict() if hasattr(raw, "as_dict") else raw
+        try:
+            source = value if isinstance(value, SourceConfig) else SourceConfig(**dict(value))
+        except TypeError as err:
+            raise ConfigError(f"data.sources[{i}]: {err}") from None
+        where = f"data.sources[{i}] ({source.label})"
+        check_preset_settings(source.pipeline.preset, source.pipeline.preset_options, where)
+        path = Path(source.path).expanduser()
+        if paths and source.synthetic is None and not path.exists():
+            raise DataError(
+                f"{where}: {path} does not exist; give a folder with train/val/test.jsonl (prepare_data.py) or a "
+                ".jsonl manifest"
+            )
+        out.append(source)
+    return out
 
 
 def load_source_records(source: SourceConfig, split: str) -> list[GroundingRecord]:
@@ -184,61 +227,11 @@ def load_source_records(source: SourceConfig, split: str) -> list[GroundingRecor
     return records[: source.max_records] if source.max_records else records
 
 
-def collate_samples(samples: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Collate pipeline samples into a list of sample dicts (nothing stacked; see the module docstring).
-
-    Refuses an empty batch and samples whose keys differ (a sign that two pipelines disagree on the contract).
-    """
-    if not samples:
-        raise DataError("collate_samples: empty batch")
-    keys = set(samples[0])
-    for sample in samples[1:]:
-        if set(sample) != keys:
-            differ = sorted(keys ^ set(sample))
-            raise DataError(
-                f"collate_samples: sample {sample.get('id')!r} and {samples[0].get('id')!r} differ in keys {differ}"
-            )
-    return [dict(sample) for sample in samples]
-
-
-def batch_columns(batch: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
-    """A batch as a dict of aligned lists: ``batch_columns(b)["text"][i]`` belongs to ``b[i]``."""
-    return {key: [sample[key] for sample in batch] for key in (batch[0] if batch else {})}
-
-
 # Checkpoints store the DataModule's hyper-parameters (these dataclasses); Lightning loads checkpoints with
 # weights_only=True, so they are allow-listed for the safe unpickler, and nothing else is.
-torch.serialization.add_safe_globals([SourceConfig, SyntheticConfig, PipelineConfig, AugmentConfig])
-
-
-class ResumableWeightedSampler(Sampler[int]):
-    """Weighted sampling with replacement whose order is a pure function of (seed, epoch), and that can
-    start part-way through an epoch — so a run resumed from a mid-epoch checkpoint sees exactly the samples
-    the uninterrupted run would have seen (torch's ``WeightedRandomSampler`` cannot skip ahead)."""
-
-    def __init__(self, weights: torch.Tensor, num_samples: int, seed: int) -> None:
-        self.weights = torch.as_tensor(weights, dtype=torch.double)
-        self.num_samples = int(num_samples)
-        self.seed = int(seed)
-        self.epoch = 0
-        self.start = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.start = 0  # a skip applies only to the epoch it was recorded in
-        self.epoch = int(epoch)
-
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=generator)
-        start, self.start = self.start, 0
-        return iter(order[start:].tolist())
-
-    def __len__(self) -> int:
-        # The whole epoch, also when resuming part-way: Lightning restores how many batches of the epoch were
-        # already seen and ends the epoch when that count reaches len(dataloader); a shortened length would end
-        # every later epoch early (it is computed once).
-        return self.num_samples
+torch.serialization.add_safe_globals(
+    [SourceConfig, SyntheticConfig, PipelineConfig, AugmentConfig, PatchConfig]
+)
 
 
 class RequireFinited(MapTransform):
@@ -337,7 +330,7 @@ class GroundingDataModule(L.LightningDataModule):
         super().__init__()
         # Stored in checkpoints so that inference (mg3d.grounder) rebuilds the exact pipelines.
         self.save_hyperparameters()
-        self.sources = [s if isinstance(s, SourceConfig) else SourceConfig(**s) for s in sources]
+        self.sources = check_sources(sources, paths=False)
         if not self.sources:
             raise ConfigError("GroundingDataModule: give at least one source")
         if batch_size <= 0 or (eval_batch_size is not None and eval_batch_size <= 0):
@@ -367,6 +360,8 @@ class GroundingDataModule(L.LightningDataModule):
         #: items left out under ``on_error="skip"``: ``{"id", "source", "split", "image", "reason"}`` each.
         self.skipped: list[dict[str, Any]] = []
         self._parts: dict[str, list[_Part]] = {}
+        #: modality keys of the records each ndim was trained on (saved in checkpoints for the Grounder)
+        self.modalities: dict[int, set[str]] = {}
         self._resume: tuple[int, int] = (0, 0)
         self._sampler: ResumableWeightedSampler | None = None
 
@@ -380,7 +375,9 @@ class GroundingDataModule(L.LightningDataModule):
     def _dataset(self, items: list[dict[str, Any]], index: int, ndim: int, split: str) -> tuple[Dataset, int]:
         """The part's dataset and its size (after leaving out bad items under ``on_error="skip"``)."""
         source = self.sources[index]
-        pipeline = build_pipeline(source.pipeline, ndim, train=split == "train")
+        patched = source.patches is not None and split == "train" and ndim == 3
+        config = dataclasses.replace(source.pipeline, carry_mask=True) if patched else source.pipeline
+        pipeline = build_pipeline(config, ndim, train=split == "train")
         # distinct augmentation streams per rank and per part; workers are reseeded by MONAI's DataLoader
         pipeline.set_random_state(self.seed + 1_000_003 * self.rank + 10 * index + ndim)
         # flat, so that CacheDataset sees non-random transforms only (a nested Compose counts as random);
@@ -403,7 +400,11 @@ class GroundingDataModule(L.LightningDataModule):
             keep = self._check_items(base, items, source.label, split)
             if len(keep) < len(items):
                 base = Subset(base, keep)  # type: ignore[assignment]
-        dataset = _RecordDataset(base, pipeline.random, [items[i]["id"] for i in keep])
+        dataset: Dataset = _RecordDataset(base, pipeline.random, [items[i]["id"] for i in keep])
+        if patched:  # cut boxes from the carried mask, exact
+            from mg3d.data.sampling import PatchDataset
+
+            dataset = PatchDataset(dataset, source.patches, source.label)  # type: ignore[arg-type]
         return dataset, len(keep)
 
     def _check_items(self, base: Dataset, items: list[dict[str, Any]], label: str, split: str) -> list[int]:
@@ -418,7 +419,9 @@ class GroundingDataModule(L.LightningDataModule):
 
         workers = max(1, int(self.cache_workers)) if self.cache == "memory" else 1
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            errors = list(pool.map(attempt, range(len(items))))
+            done = pool.map(attempt, range(len(items)))
+            errors = list(tqdm(done, total=len(items), desc=f"{split} {label}", unit="record", file=sys.stderr,
+                               disable=self.rank != 0, dynamic_ncols=True))  # fmt: skip
         keep = []
         for i, err in enumerate(errors):
             if err is None:
@@ -445,6 +448,8 @@ class GroundingDataModule(L.LightningDataModule):
             by_ndim: dict[int, list[dict[str, Any]]] = {}
             for record in records:
                 by_ndim.setdefault(record.ndim, []).append(record_to_item(record))
+                if split == "train":
+                    self.modalities.setdefault(record.ndim, set()).add(record.modality)
             for ndim, items in sorted(by_ndim.items()):
                 try:
                     source.pipeline.check_ndim(ndim, where=f"source {source.label}")
@@ -467,6 +472,31 @@ class GroundingDataModule(L.LightningDataModule):
                 f"no training records in any source: {[s.path for s in self.sources]}"
                 + (f" ({skipped} skipped as unreadable, see {SKIPPED_FILE})" if skipped else "")
             )
+        if (stage or "fit") == "fit":
+            self._check_every_source_trains()
+
+    def _check_every_source_trains(self) -> None:
+        """A source whose training records were all skipped, or that holds no record at all, stops the run: with
+        ``on_error: skip`` it would otherwise vanish and the run train on the other sources alone. (A source with
+        only val/test records is allowed: it is logged.)"""
+        used = {p.source_index for p in self.build_split("train")}
+        for index, source in enumerate(self.sources):
+            if index in used:
+                continue
+            skipped = [s for s in self.skipped if s["source"] == source.label and s["split"] == "train"]
+            if skipped:
+                raise DataError(
+                    f"source {source.label} ({source.path}): all {len(skipped)} training record(s) were skipped as "
+                    f"unreadable (first: {skipped[0]['reason']}); fix or remove the source"
+                )
+            held_out = sum(len(load_source_records(source, split)) for split in ("val", "test"))
+            if not held_out:
+                raise DataError(
+                    f"source {source.label} ({source.path}): holds no usable record; fix or remove it"
+                )
+            log.warning(
+                "source %s has no training records; it is used for validation/test only", source.label
+            )
 
     def skipped_report(self) -> dict[str, Any]:
         """What ``skipped.json`` holds: counts per split and source, and every skipped item with its reason."""
@@ -485,14 +515,16 @@ class GroundingDataModule(L.LightningDataModule):
     def _report_skipped(self) -> None:
         if not self.skipped:
             return
+        per_source = self.skipped_report()["by_source"]
         log.warning(
-            "%d record(s) skipped as unreadable (on_error=skip): %s", len(self.skipped),
+            "%d record(s) skipped as unreadable (on_error=skip), per source %s: %s", len(self.skipped),
+            ", ".join(f"{k}: {v}" for k, v in per_source.items()),
             ", ".join(s["id"] for s in self.skipped[:5]) + (" …" if len(self.skipped) > 5 else ""),
         )  # fmt: skip
         trainer = getattr(self, "trainer", None)
         folder = getattr(trainer, "log_dir", None) if trainer is not None else None
         if folder and trainer.is_global_zero:
-            from mg3d.checkpointing import atomic_write
+            from mg3d.atomic import atomic_write
 
             text = json.dumps(self.skipped_report(), indent=2, ensure_ascii=False) + "\n"
             atomic_write(Path(folder) / SKIPPED_FILE, lambda handle: handle.write(text.encode("utf-8")))
@@ -544,13 +576,23 @@ class GroundingDataModule(L.LightningDataModule):
 
     def state_dict(self) -> dict[str, Any]:
         """Where the training stream stands: epoch and samples already consumed in it (for exact resume)."""
+        from mg3d.data.user_modules import imported_user_modules
+
+        saved: dict[str, Any] = {
+            "modalities": {str(n): sorted(m) for n, m in sorted(self.modalities.items())},
+            "user_modules": [m.to_dict() for m in imported_user_modules()],
+        }
         trainer = getattr(self, "trainer", None)
         if trainer is None:
-            return {}
+            return saved
         # `processed`, not `completed`: ModelCheckpoint saves in on_train_batch_end, before Lightning counts the
         # batch as completed, so `completed` would make a resumed run see that batch a second time.
         progress = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch": int(trainer.current_epoch), "samples_consumed": int(progress) * self.batch_size}
+        return {
+            **saved,
+            "epoch": int(trainer.current_epoch),
+            "samples_consumed": int(progress) * self.batch_size,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._resume = (int(state.get("epoch", 0)), int(state.get("samples_consumed", 0)))
@@ -576,17 +618,17 @@ class GroundingDataModule(L.LightningDataModule):
                         "`synthetic: null`)"
                     )
                 continue
-            log.info("writing %d synthetic %s phantoms to %s (first use)", spec.n, spec.kind, folder)
+            rank_zero_info(f"mg3d: writing {spec.n} synthetic {spec.kind} phantoms to {folder} (first use)")
             adapters = synthetic_sources(
                 spec.kind, folder / "raw", spec.n, gen_seed=spec.seed, layout=spec.layout,
                 split_seed=spec.split_seed, val_fraction=spec.val_fraction,
-                questions_per_region=spec.questions_per_region, **spec.options,
+                questions_per_region=spec.questions_per_region, progress=True, **spec.options,
             )  # fmt: skip
             prepare(
                 adapters,
                 folder,
                 relative_paths=True,
-                progress=False,
+                progress=True,
                 command=["GroundingDataModule.prepare_data"],
             )
 
@@ -615,6 +657,17 @@ class GroundingDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
+
+    def patch_stats(self) -> dict[str, dict[str, int]]:
+        """Training patches per source and verdict (``whole`` / ``clipped`` / ``rejected``: cut too much or cut
+        away, never trained on), for sources with ``patches``."""
+        out: dict[str, dict[str, int]] = {}
+        for part in self._parts.get("train", []):
+            if hasattr(part.dataset, "stats"):  # a PatchDataset
+                stats = out.setdefault(part.source.label, {})
+                for key, value in part.dataset.stats.items():
+                    stats[key] = stats.get(key, 0) + int(value)
+        return out
 
     def source_counts(self, split: str = "train") -> dict[str, dict[int, int]]:
         """Records per source and ndim in ``split`` (for logs and the data summary)."""

@@ -15,6 +15,12 @@ Built in:
 * ``CXR`` — radiographs: colour → grey, percentile normalisation, MONOCHROME1 inversion so bone is bright.
 
 Adding a modality is one call to :func:`register_preset` (``docs/extending.md`` walks through one).
+
+Each preset also *declares* what its output means (``unit`` and ``inverse``): the semantic reward reads
+intensities on a physical scale, so the pipeline records the preset it applied (:func:`intensity_declaration`,
+stored in every sample under :data:`INTENSITY_KEY`) and :func:`to_physical` turns the ``[0, 1]`` tensor back:
+CT windows to HU (exact inside the windows, clipped outside them), PET to SUV (clipped at ``suv_max``). MR and
+radiographs have no physical unit; their percentile normalisation *is* the stated scale (``"normalised"``).
 """
 
 from __future__ import annotations
@@ -33,17 +39,21 @@ from monai.transforms import (
 )
 
 from mg3d.data.records import register_modality
-from mg3d.errors import ConfigError
+from mg3d.errors import ConfigError, DataError
 
 __all__ = [
     "CT_WINDOWS",
+    "INTENSITY_KEY",
     "Grayscaled",
     "InvertMonochrome1d",
     "ModalityPreset",
     "WindowChannelsd",
     "available_presets",
+    "check_preset_settings",
     "get_preset",
+    "intensity_declaration",
     "register_preset",
+    "to_physical",
 ]
 
 #: Standard CT display windows as (lower, upper) HU, from (level, width): lo = L - W/2, hi = L + W/2.
@@ -58,6 +68,8 @@ CT_WINDOWS: dict[str, tuple[float, float]] = {
 
 #: Key in the data dict where the loader stores a DICOM's PhotometricInterpretation (CXR inversion reads it).
 PHOTOMETRIC_KEY = "photometric"
+#: Sample key of the intensity declaration (:func:`intensity_declaration`) the pipeline's preset step writes.
+INTENSITY_KEY = "intensity"
 
 
 def _resolve_window(window: str | Sequence[float]) -> tuple[float, float]:
@@ -130,6 +142,8 @@ class InvertMonochrome1d(MapTransform):
 
 
 PresetBuilder = Callable[..., list[MapTransform]]
+#: ``inverse(**options)`` → a map from the preset's ``(C, *spatial)`` output to ``(*spatial)`` in ``unit``
+InverseBuilder = Callable[..., Callable[[torch.Tensor], torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -138,7 +152,9 @@ class ModalityPreset:
 
     ``builder(**options)`` returns MONAI dict transforms acting on ``"image"`` whose output lies in
     ``[0, 1]``; ``defaults`` lists every option it accepts (unknown options are refused, so a typo in a
-    config fails loudly); ``ndims`` says which image dimensionalities it is meant for.
+    config fails loudly); ``ndims`` says which image dimensionalities it is meant for. ``unit`` and
+    ``inverse`` declare what the output means (see the module doc); without an inverse the output itself is
+    the stated scale (channels averaged) and ``unit`` should stay ``"normalised"``.
     """
 
     name: str
@@ -146,6 +162,26 @@ class ModalityPreset:
     ndims: tuple[int, ...] = (2, 3)
     defaults: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
+    unit: str = "normalised"
+    inverse: InverseBuilder | None = None
+    #: plausible (1st, 99th) percentiles of a stored input in its unit, or ``None``: an input outside is refused
+    #: (a CT, or PET still in Bq/ml, given to a PET model), see :meth:`check_input`
+    input_range: tuple[float, float] | None = None
+
+    def check_input(self, image: torch.Tensor, where: str) -> None:
+        """Refuse a stored image whose intensities cannot be this modality's (``input_range``), naming it."""
+        if self.input_range is None:
+            return
+        flat = torch.as_tensor(image).detach().reshape(-1).to(torch.float32)
+        step = max(1, flat.numel() // 1_000_000)  # a subsample keeps torch.quantile fast on large volumes
+        p1, p99 = (float(v) for v in torch.quantile(flat[::step], torch.tensor([0.01, 0.99])))
+        lo, hi = self.input_range
+        if p1 < lo or p99 > hi:
+            raise DataError(
+                f"{where}: intensities (1st-99th percentile {p1:.4g} to {p99:.4g}) are not {self.name} in "
+                f"{self.unit} (expected within [{lo:g}, {hi:g}]): another modality, or units not converted "
+                "(PET in Bq/ml: prepare_data.py own --pet-units)"
+            )
 
     def options(self, **overrides: Any) -> dict[str, Any]:
         unknown = sorted(set(overrides) - set(self.defaults))
@@ -161,6 +197,13 @@ class ModalityPreset:
 
     def compose(self, **overrides: Any) -> Compose:
         return Compose(self.transforms(**overrides))
+
+    def to_physical(self, image: torch.Tensor, **overrides: Any) -> torch.Tensor:
+        """The preset's ``(C, *spatial)`` output back in :attr:`unit`, spatial axes only."""
+        x = torch.as_tensor(image, dtype=torch.float32)
+        if self.inverse is None:
+            return x.mean(0)
+        return self.inverse(**self.options(**overrides))(x)
 
     def channels(self, **overrides: Any) -> int:
         """Channels the preset outputs (CT: one per window; the others: one)."""
@@ -199,11 +242,88 @@ def available_presets() -> list[str]:
     return sorted(_PRESETS)
 
 
+def check_preset_settings(preset: str | None, preset_options: Mapping[str, Any] | None, where: str) -> None:
+    """Refuse an unknown preset name or option in a pipeline's settings, naming ``where`` and the valid names.
+
+    Run when a config is read (the DataModule and the CLI, before any model is built): otherwise a typo in a
+    ``preset_options`` key is ignored and one in an option name surfaces per record, where ``on_error: skip``
+    would drop a whole source.
+    """
+    hint = "register it in a user module (--imports, docs/extending.md)"
+    if preset is not None and preset not in _PRESETS:
+        raise ConfigError(f"{where}: pipeline.preset {preset!r} is not a registered preset; registered: "
+                          f"{available_presets()} ({hint})")  # fmt: skip
+    for name, options in dict(preset_options or {}).items():
+        if name not in _PRESETS:
+            raise ConfigError(f"{where}: pipeline.preset_options names preset {name!r}, which is not registered; "
+                              f"registered: {available_presets()} ({hint})")  # fmt: skip
+        if not isinstance(options, Mapping):
+            raise ConfigError(
+                f"{where}: pipeline.preset_options[{name!r}] must be a mapping of option → value"
+            )
+        try:
+            _PRESETS[name].options(**dict(options))
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
+
+
+def intensity_declaration(name: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What a pipeline records after applying preset ``name``: ``{"preset", "unit", "options"}`` (plain data,
+    so it survives the disk cache's ``weights_only`` loading)."""
+    preset = get_preset(name)
+    opts = preset.options(**dict(options or {}))
+    return {"preset": name, "unit": preset.unit, "options": {k: _plain(v) for k, v in opts.items()}}
+
+
+def _plain(value: Any) -> Any:
+    """Tuples → lists, recursively (option values such as window pairs)."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def to_physical(image: torch.Tensor, declaration: Mapping[str, Any]) -> tuple[torch.Tensor, str]:
+    """A pipeline tensor ``(C, *spatial)`` back in its preset's unit, from the sample's declaration."""
+    try:
+        name, options = str(declaration["preset"]), dict(declaration.get("options") or {})
+    except (KeyError, TypeError) as err:
+        raise ConfigError(
+            f"malformed intensity declaration {declaration!r}: needs 'preset' and 'options'"
+        ) from err
+    preset = get_preset(name)
+    return preset.to_physical(image, **options), preset.unit
+
+
 # ---------------------------------------------------------------------------------------------- built-ins
 
 
 def _ct(windows: Sequence[str | Sequence[float]]) -> list[MapTransform]:
     return [WindowChannelsd("image", windows)]
+
+
+def _ct_inverse(windows: Sequence[str | Sequence[float]]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """HU from window channels: per voxel the narrowest window that did not clip it (exact there); a voxel
+    every window clipped gets the widest window's bound."""
+    bounds = torch.tensor([_resolve_window(w) for w in windows], dtype=torch.float32)
+
+    def inverse(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] != len(bounds):
+            raise ConfigError(f"CT inverse: {x.shape[0]} channels for {len(bounds)} windows")
+        view = (-1,) + (1,) * (x.ndim - 1)
+        lo, width = bounds[:, 0].view(view), (bounds[:, 1] - bounds[:, 0]).view(view)
+        hu = lo + x * width
+        if len(bounds) == 1:
+            return hu[0]
+        unclipped = (x > 0) & (x < 1)
+        key = torch.where(unclipped, width.expand_as(x), torch.full_like(x, float("inf")))
+        choice = torch.where(
+            unclipped.any(0), key.argmin(0), torch.full_like(x[0], int(width.argmax()), dtype=torch.long)
+        )
+        return hu.gather(0, choice[None])[0]
+
+    return inverse
+
+
+def _pet_inverse(suv_max: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x: x.mean(0) * float(suv_max)
 
 
 def _mr(lower: float, upper: float) -> list[MapTransform]:
@@ -225,14 +345,32 @@ def _cxr(lower: float, upper: float) -> list[MapTransform]:
 
 
 register_preset(
-    ModalityPreset("CT", _ct, (2, 3), {"windows": ("wide",)}, "Hounsfield windows, one channel per window"),
+    ModalityPreset(
+        "CT",
+        _ct,
+        (2, 3),
+        {"windows": ("wide",)},
+        "Hounsfield windows, one channel per window",
+        "HU",
+        _ct_inverse,
+    ),
     replace=True,
 )
 register_preset(
     ModalityPreset("MR", _mr, (2, 3), {"lower": 0.5, "upper": 99.5}, "percentile normalisation"), replace=True
 )
 register_preset(
-    ModalityPreset("PET", _pet, (2, 3), {"suv_max": 10.0}, "SUV clipped to [0, suv_max]"), replace=True
+    ModalityPreset(
+        "PET",
+        _pet,
+        (2, 3),
+        {"suv_max": 10.0},
+        "SUV clipped to [0, suv_max]",
+        "SUV",
+        _pet_inverse,
+        (-1.0, 100.0),
+    ),
+    replace=True,
 )
 register_preset(
     ModalityPreset(

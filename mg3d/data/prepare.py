@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -22,9 +21,13 @@ from typing import Any
 from tqdm import tqdm
 
 import mg3d
+from mg3d.atomic import atomic_write_text
+from mg3d.data.readers import DEFAULT_MAX_PIXELS, DEFAULT_MAX_VOXELS
 from mg3d.data.records import MANIFEST_SCHEMA_VERSION, SPLITS, GroundingRecord, write_manifest
 from mg3d.data.sources import ChestXray8Source, M3DRefSegSource, MedRPGSource, MSCXRSource, Source
-from mg3d.data.sources._common import DEFAULT_MAX_PIXELS, DEFAULT_MAX_VOXELS
+from mg3d.data.sources.own import OWN_TABLE_NAME, OwnDataSource
+from mg3d.data.sources.pet import PET_UNITS
+from mg3d.data.user_modules import import_user_modules
 from mg3d.errors import ConfigError, DataError
 
 __all__ = ["SPLIT_FILES", "build_parser", "main", "prepare", "summarize"]
@@ -87,15 +90,7 @@ def summarize(
 
 
 def _write_json(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, ensure_ascii=False)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def prepare(
@@ -158,6 +153,13 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
         help="store image/mask paths relative to --out instead of absolute",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--imports",
+        nargs="+",
+        default=[],
+        metavar="MODULE",
+        help="user modules to import first (a dotted name or a .py file), e.g. one that registers a preset",
+    )
     parser.add_argument(
         "--no-verify",
         action="store_true",
@@ -260,6 +262,42 @@ def build_parser() -> argparse.ArgumentParser:
         help="ct.nii.gz/mask.nii.gz or ct.npy/mask.npy",
     )
     p.add_argument("--max-voxels", type=int, default=DEFAULT_MAX_VOXELS, help="refuse larger volumes")
+    p.add_argument(
+        "--modality",
+        default="CT",
+        help="modality key of the records (the layout cannot tell; M3D-RefSeg is CT)",
+    )
+    _split_options(p)
+    _common_options(p)
+
+    p = sub.add_parser(
+        "own",
+        help="your own images (NIfTI, NRRD/MHA, DICOM series, PNG/JPEG) + phrases + masks or boxes (docs/data.md)",
+    )
+    p.add_argument(
+        "--table",
+        required=True,
+        type=Path,
+        help=f"a CSV or JSONL table, or a folder holding {OWN_TABLE_NAME}",
+    )
+    p.add_argument(
+        "--modality",
+        required=True,
+        help="modality key of every record: CT, MR, PET, CXR or a registered preset",
+    )
+    p.add_argument("--name", dest="dataset_name", default="own", help="data set name (record id prefix)")
+    p.add_argument(
+        "--box-units",
+        choices=("voxel", "mm"),
+        default="voxel",
+        help="unit of 'box' values (RAS mm or voxels)",
+    )
+    p.add_argument(
+        "--pet-units",
+        choices=PET_UNITS,
+        default=None,
+        help="PET stored in Bq/ml or counts: convert to SUV (needs dose, weight and time columns)",
+    )
     _split_options(p)
     _common_options(p)
 
@@ -353,6 +391,22 @@ def _sources_from_args(args: argparse.Namespace) -> list[Source]:
                 verify_images=verify,
                 max_voxels=args.max_voxels,
                 on_error=args.on_error,
+                modality=args.modality,
+            )
+        ]
+    if args.dataset == "own":
+        return [
+            OwnDataSource(
+                args.table,
+                modality=args.modality,
+                dataset=args.dataset_name,
+                box_units=args.box_units,
+                val_fraction=args.val_fraction,
+                test_fraction=args.test_fraction,
+                seed=args.seed,
+                pet_units=args.pet_units,
+                converted_dir=args.out / "converted",
+                on_error=args.on_error,
             )
         ]
     if args.dataset == "synthetic":
@@ -366,7 +420,8 @@ def _synthetic_sources(args: argparse.Namespace) -> list[Source]:
     options = {} if args.ct_shape is None else {"shape": tuple(args.ct_shape)}
     return synthetic_sources(
         args.kind, raw, args.n, gen_seed=args.gen_seed, layout=args.layout, split_seed=args.seed,
-        val_fraction=args.val_fraction, verify_images=not args.no_verify, on_error=args.on_error, **options,
+        val_fraction=args.val_fraction, test_fraction=args.test_fraction, verify_images=not args.no_verify,
+        on_error=args.on_error, **options,
     )  # fmt: skip
 
 
@@ -382,29 +437,42 @@ def synthetic_sources(
     verify_images: bool = True,
     on_error: str = "raise",
     questions_per_region: Sequence[int] | None = None,
+    test_fraction: float | None = None,
+    progress: bool = False,
     **options: Any,
 ) -> list[Source]:
     """Write ``n`` phantoms of ``kind`` (``ct3d`` / ``cxr2d``) under ``raw`` in a published layout and return
-    the real adapters that read them (``options`` go to the generator, e.g. ``shape``, ``single_lesion``)."""
+    the real adapters that read them (``options`` go to the generator, e.g. ``shape``, ``single_lesion``).
+    ``test_fraction`` (default: the generator's 0.2) is the share of cases or patients in the test split;
+    ``progress`` shows the writing on stderr."""
     from mg3d.data import synthetic
 
     raw = Path(raw)
     common = {"verify_images": verify_images, "on_error": on_error}
+    if test_fraction is not None:
+        options = {**options, "test_fraction": float(test_fraction)}
     if kind == "ct3d":
         extra = {} if questions_per_region is None else {"questions_per_region": tuple(questions_per_region)}
-        synthetic.make_ct3d(raw, n, gen_seed, **extra, **options)
+        synthetic.make_ct3d(raw, n, gen_seed, progress=progress, **extra, **options)
         return [
             M3DRefSegSource(raw, seed=split_seed, val_fraction=val_fraction, dataset="synthetic3d", **common)
         ]
     if kind != "cxr2d":
         raise ConfigError(f"unknown synthetic kind {kind!r}; use 'ct3d' or 'cxr2d'")
-    synthetic.make_cxr2d(raw, n, gen_seed, layout=layout, **options)
+    mscxr_test = {} if test_fraction is None else {"test_fraction": options.pop("test_fraction")}
     if layout == "mscxr":
+        synthetic.make_cxr2d(raw, n, gen_seed, layout=layout, progress=progress, **options)
         return [
             MSCXRSource(
-                raw / synthetic.MSCXR_CSV_NAME, raw, split_seed=split_seed, dataset="synthetic2d", **common
+                raw / synthetic.MSCXR_CSV_NAME,
+                raw,
+                split_seed=split_seed,
+                dataset="synthetic2d",
+                **common,
+                **mscxr_test,
             )
         ]
+    synthetic.make_cxr2d(raw, n, gen_seed, layout=layout, progress=progress, **options, **mscxr_test)
     return [
         ChestXray8Source(
             raw / "BBox_List_2017.csv",
@@ -422,11 +490,13 @@ def synthetic_sources(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``scripts/prepare_data.py``; returns the process exit code (1 on bad data)."""
+    """Entry point of ``scripts/prepare_data.py``; returns the process exit code (2 on bad data or settings,
+    with a one-line error naming the file, row or key)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     command = ["prepare_data.py", *(sys.argv[1:] if argv is None else argv)]
     try:
+        import_user_modules(args.imports)
         sources = _sources_from_args(args)
         summary = prepare(
             sources,
@@ -437,7 +507,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except (DataError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2
     counts = summary["records"]
     print(
         f"wrote {counts['total']} records (train {counts['train']}, val {counts['val']}, test {counts['test']}) "

@@ -16,14 +16,14 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
+from mg3d.atomic import atomic_write
 from mg3d.boxes import validate_box
 from mg3d.errors import BoxError, DataError
 
@@ -205,7 +205,8 @@ def _validate(raw: Mapping[str, Any]) -> dict[str, Any]:
         raise _FieldError(
             "modality",
             f"unknown modality {modality!r}; known: {sorted(_MODALITIES)} "
-            "(new ones are added with mg3d.data.records.register_modality)",
+            "(a new modality is a preset registered with mg3d.data.modalities.register_preset in a user module; "
+            "import it with --imports, docs/extending.md)",
         )
     out["modality"] = modality
 
@@ -349,11 +350,18 @@ def iter_manifest(path: str | os.PathLike[str], *, resolve_paths: bool = True) -
         raise DataError(f"{path}: manifest not found")
     base = path.resolve().parent
     seen: dict[str, int] = {}
-    with path.open("r", encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(
+                    f"{where}: not UTF-8 text ({err.reason} at byte {err.start} of the line); save the manifest as "
+                    "UTF-8"
+                ) from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
@@ -385,7 +393,7 @@ def _relative(path_value: str, base: Path) -> str:
 def write_manifest(
     path: str | os.PathLike[str], records: Iterable[GroundingRecord], *, relative_paths: bool = False
 ) -> int:
-    """Write records as JSONL (atomically: a temporary file renamed into place); return the count.
+    """Write records as JSONL (atomically and durably: :func:`mg3d.atomic.atomic_write`); return the count.
 
     With ``relative_paths`` absolute image/mask paths are rewritten relative to the manifest's folder,
     so a folder holding both data and manifests can be moved as a whole. Duplicate ids are refused.
@@ -395,22 +403,21 @@ def write_manifest(
     base = path.resolve().parent
     seen: set[str] = set()
     count = 0
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for record in records:
-                if not isinstance(record, GroundingRecord):
-                    raise DataError(f"{path}: can only write GroundingRecord, got {type(record).__name__}")
-                if record.id in seen:
-                    raise DataError(f"{path}: record {record.id!r}: field 'id': duplicate id")
-                seen.add(record.id)
-                if relative_paths:
-                    mask_path = None if record.mask is None else _relative(record.mask.path, base)
-                    record = record.with_paths(_relative(record.image, base), mask_path)
-                handle.write(json.dumps(record.to_dict(), ensure_ascii=False, allow_nan=False) + "\n")
-                count += 1
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+
+    def write(handle: BinaryIO) -> None:
+        nonlocal count
+        for record in records:
+            if not isinstance(record, GroundingRecord):
+                raise DataError(f"{path}: can only write GroundingRecord, got {type(record).__name__}")
+            if record.id in seen:
+                raise DataError(f"{path}: record {record.id!r}: field 'id': duplicate id")
+            seen.add(record.id)
+            if relative_paths:
+                mask_path = None if record.mask is None else _relative(record.mask.path, base)
+                record = record.with_paths(_relative(record.image, base), mask_path)
+            line = json.dumps(record.to_dict(), ensure_ascii=False, allow_nan=False) + "\n"
+            handle.write(line.encode("utf-8"))
+            count += 1
+
+    atomic_write(path, write)
     return count

@@ -3,7 +3,7 @@
 The volumes come from an mg3d pipeline (``mg3d.data.transforms``) *without* the final fit to the model
 grid (``spatial_size=None``), so patches keep the pipeline's resolution and the patch size is the model
 grid. Each pipeline sample becomes a TorchIO ``Subject`` whose metadata holds the record's boxes, text
-and :class:`~mg3d.boxes.CoordinateFrame`; a ``LabelMap`` of the target (its carried mask, or its boxes
+and :class:`~mg3d.frames.CoordinateFrame`; a ``LabelMap`` of the target (its carried mask, or its boxes
 rasterised) lets ``LabelSampler``/``WeightedSampler`` centre patches on the target with probability
 ``target_probability`` (random context patches otherwise).
 
@@ -26,10 +26,14 @@ import torch
 import torchio as tio
 from torch.utils.data import Dataset, IterableDataset
 
-from mg3d.boxes import CoordinateFrame, crop_step
+from mg3d.boxes import mask_to_box
+from mg3d.data.patch_config import PatchConfig
 from mg3d.errors import ConfigError, DataError
+from mg3d.frames import CoordinateFrame, crop_step
 
 __all__ = [
+    "PatchConfig",
+    "PatchDataset",
     "PatchPolicy",
     "PatchSamples",
     "PatchTarget",
@@ -45,7 +49,9 @@ __all__ = [
 TARGET = "target"
 SAMPLING_MAP = "sampling_map"
 _META = ("boxes", "target_boxes", "frame", "text", "source_text", "flipped", "id", "dataset", "ndim", "modality",
-         "category", "question_type", "spacing", "affine")  # fmt: skip
+         "category", "question_type", "spacing", "affine", "intensity")  # fmt: skip
+#: Subject metadata key: the target label map is the record's carried mask (exact boxes), not rasterised boxes.
+HAS_MASK = "has_mask"
 
 
 @dataclass(frozen=True)
@@ -97,7 +103,16 @@ def remap_boxes_to_patch(
     visible = np.where(full > 0, np.prod(hi - lo, axis=1) / np.where(full > 0, full, 1.0), 0.0)
     cut = (visible > 0) & (visible < 1.0 - 1e-9)
     present = visible > 0
-    if cut.any() and (policy.edge == "reject" or (visible[cut] < policy.min_visible).any()):
+    # A target larger than the patch is never whole in it: judge it by how much of the patch it can fill.
+    attainable = np.prod(np.minimum(local[:, d:] - local[:, :d], size), axis=1)
+    filled = np.where(
+        attainable > 0, np.prod(hi - lo, axis=1) / np.where(attainable > 0, attainable, 1.0), 0.0
+    )
+    too_big = np.any(local[:, d:] - local[:, :d] > size, axis=1)
+    judged = np.where(too_big, filled, visible)
+    if cut.any() and (
+        (policy.edge == "reject" and not too_big[cut].all()) or (judged[cut] < policy.min_visible).any()
+    ):
         return PatchTarget(np.zeros((0, 2 * d)), visible, "rejected")
     if not present.any():
         return PatchTarget(np.zeros((0, 2 * d)), visible, "absent" if policy.keep_absent else "rejected")
@@ -147,6 +162,7 @@ def make_subject(sample: Mapping[str, Any], target_probability: float | None = N
             weights += target.to(torch.float32) * (target_probability / n_target)
         images[SAMPLING_MAP] = tio.ScalarImage(tensor=weights, affine=affine)
     meta = {k: sample[k] for k in _META if k in sample}
+    meta[HAS_MASK] = sample.get("mask") is not None
     meta["frame"] = frame
     meta["target_boxes"] = np.asarray(sample["target_boxes"], dtype=np.float64)
     meta["boxes"] = np.asarray(sample["boxes"], dtype=np.float64)
@@ -166,11 +182,20 @@ def patch_sample(patch: tio.Subject, policy: PatchPolicy = PatchPolicy()) -> dic
     target = remap_boxes_to_patch(patch["target_boxes"], start, size, policy)
     if not target.kept:
         return None
+    mask = None
+    if patch.get(HAS_MASK):
+        mask = patch[TARGET].data > 0
+        if target.status == "clipped" and len(target.boxes) == 1:
+            # the box of the visible part of the target, exact from its mask (the clipped box is an upper bound)
+            if not bool(mask.any()):
+                return None  # the box's corner is in the patch, the target is not: nothing to answer
+            target = PatchTarget(mask_to_box(mask[0].numpy())[None, :], target.visible, target.status)
     frame = CoordinateFrame.from_dict(patch["frame"])
     frame = frame.then(crop_step(frame.shape, start, stop))
     boxes = frame.to_voxel(target.boxes) if len(target.boxes) else np.zeros((0, 2 * d))
     out = {k: patch[k] for k in _META if k in patch}
     out.update(
+        mask=mask,
         image=patch["image"].data.to(torch.float32),
         frame=frame,
         boxes=boxes,
@@ -310,3 +335,55 @@ def boxes_from_grid_predictions(
     best = int(np.argmax(np.asarray(scores, dtype=np.float64)))
     frame: CoordinateFrame = patches[best]["frame"]
     return frame.to_voxel(np.asarray(boxes[best], dtype=np.float64).reshape(1, -1))[0], best
+
+
+# ---------------------------------------------------------------------------------------------- DataModule option
+
+
+class PatchDataset(Dataset):
+    """A source's training volumes as a stream of target-holding patches, indexable for the DataModule's
+    weighted sampler (one index per volume; a draw returns the queue's next accepted patch).
+
+    Patches the policy rejects are drawn again (at most ``max_draws`` times, then a :class:`DataError` naming the
+    source); :attr:`stats` counts whole / clipped / rejected patches. Sample keys are the pipeline's contract.
+    """
+
+    def __init__(self, volumes: Dataset, config: PatchConfig, label: str) -> None:
+        self.volumes = volumes
+        self.config = config
+        self.label = label
+        self.policy = PatchPolicy(edge="clip", min_visible=config.min_visible, keep_absent=False)
+        self.stats: Counter[str] = Counter()
+        self._queue: tio.Queue | None = None
+        self._keys: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.volumes)  # type: ignore[arg-type]
+
+    def _next_patch(self) -> tio.Subject:
+        if self._queue is None:
+            self._queue = make_queue(
+                self.volumes, self.config.patch_size, target_probability=self.config.target_probability,
+                sampler=self.config.sampler, samples_per_volume=self.config.samples_per_volume,
+                max_length=self.config.queue_length,
+            )  # fmt: skip
+        return self._queue[0]  # a Queue hands out its next patch whatever the index
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        for _ in range(self.config.max_draws):
+            try:
+                patch = self._next_patch()
+            except (RuntimeError, ValueError) as err:  # TorchIO: e.g. a patch larger than the volume
+                raise DataError(f"source {self.label}: patch sampling failed: {err}") from err
+            sample = patch_sample(patch, self.policy)
+            if sample is None:
+                self.stats["rejected"] += 1
+                continue
+            self.stats[str(sample["patch_status"])] += 1
+            for extra in ("visible", "patch_status", "location"):
+                sample.pop(extra, None)
+            return sample
+        raise DataError(
+            f"source {self.label}: no patch of {self.config.patch_size} kept a usable target in "
+            f"{self.config.max_draws} draws (stats {dict(self.stats)}); lower patches.min_visible or enlarge the patch"
+        )

@@ -4,6 +4,12 @@ mg3d owns its GRPO loop because TRL has no 3D/video input path, but its maths mu
 that results, hyper-parameters and logged curves mean the same thing. ``tests/test_grpo_loss.py``
 checks this file against TRL's own ``_compute_loss`` and ``_generate_and_score_completions``.
 
+One file on purpose (about 600 lines): it is the paper appendix of mg3d — every loss type, the KL and the
+normalisations read side by side, as TRL's one ``_compute_loss`` does. The advantages live in
+:mod:`mg3d.grpo.advantages` and the non-clipped policy terms (cispo, sapo, vespo) and the off-policy sequence
+mask in :mod:`mg3d.grpo.terms`, the per-token inputs (log-probs at temperature, completion and entropy masks) in
+:mod:`mg3d.grpo.tokens`; this module re-exports the names it used to define.
+
 Notation (one *generation batch* of prompts, each answered by a group of G completions):
 
 * i indexes completions (rows), t completion tokens, g(i) the group of row i;
@@ -19,42 +25,80 @@ The objective, per token, before aggregation (§ ``grpo_loss``)::
     w_{i,t} ← min(w_{i,t}, δ)                                         (only if δ is set)
     ℓ_{i,t}  = −min(w_{i,t} A_i, ŵ_{i,t} A_i) · h_{i,t} + β · KL_{i,t} (h: high-entropy mask, 1 if off)
 
-and one of four aggregations (``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``) turns ℓ into a scalar whose
-gradient, summed over gradient-accumulation micro-batches and averaged over data-parallel ranks, is
-the intended mean (§ ``aggregate_loss``).
+(``cispo``, ``sapo`` and ``vespo`` replace the clipped term, see ``grpo_loss``) and one of the aggregations
+(§ ``aggregate_loss``) turns ℓ into a scalar whose gradient, summed over gradient-accumulation micro-batches
+and averaged over data-parallel ranks, is the intended mean. An optional entropy bonus is subtracted after
+aggregation. ``docs/grpo.md`` gives each option's formula and when to use it.
 
-Only TRL's four clipped loss types are implemented (not ``cispo``/``sapo``/``luspo``/``vespo``), and
-neither the vLLM importance-sampling correction nor the off-policy sequence mask, since mg3d samples
-with the policy itself.
+Not implemented: the vLLM importance-sampling correction (mg3d samples with the policy itself, so the sampler
+and trainer log-probs agree) and the MoE auxiliary loss.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from mg3d.errors import ConfigError, DataError
+from mg3d.grpo.advantages import (  # re-exported: this module was their home before issue 22
+    ADVANTAGE_EPS,
+    MULTI_OBJECTIVE_AGGREGATIONS,
+    SCALE_REWARDS,
+    GroupAdvantages,
+    MultiObjectiveAggregation,
+    ScaleRewards,
+    decoupled_advantages,
+    group_advantages,
+    nanstd,
+    resolve_scale_rewards,
+)
+from mg3d.grpo.entropy_control import AdaptiveEntropyCoef
+from mg3d.grpo.terms import cispo_term, off_policy_sequence_mask, sapo_term, vespo_gamma_weights
+from mg3d.grpo.tokens import (  # re-exported: this module was their home before issue 22
+    AllGather,
+    AllReduceSum,
+    completion_mask,
+    token_logps_and_entropies,
+    top_entropy_mask,
+)
 
-LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
-ScaleRewards = Literal["group", "batch", "none"]
+__all__ = [
+    "ADVANTAGE_EPS",
+    "CLIPPED_LOSS_TYPES",
+    "IMPORTANCE_SAMPLING_LEVELS",
+    "LOSS_TYPES",
+    "MULTI_OBJECTIVE_AGGREGATIONS",
+    "SCALE_REWARDS",
+    "GRPOLossConfig",
+    "GroupAdvantages",
+    "aggregate_loss",
+    "clipped_surrogate",
+    "completion_mask",
+    "decoupled_advantages",
+    "entropy_bonus",
+    "group_advantages",
+    "grpo_loss",
+    "k3_kl",
+    "log_importance_weights",
+    "nanstd",
+    "needs_old_logps",
+    "resolve_scale_rewards",
+    "token_logps_and_entropies",
+    "top_entropy_mask",
+]
+
+LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"]
 ImportanceSamplingLevel = Literal["token", "sequence"]
 
-LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo")
-SCALE_REWARDS: tuple[str, ...] = ("group", "batch", "none")
+LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
+#: Loss types whose policy term is the PPO clipped surrogate (and whose clip ratios are logged).
+CLIPPED_LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 IMPORTANCE_SAMPLING_LEVELS: tuple[str, ...] = ("token", "sequence")
-
-#: Added to the reward std before dividing (TRL's value; verl/EasyR1 use 1e-6, OpenRLHF 1e-9).
-ADVANTAGE_EPS = 1e-4
-
-#: ``all_reduce_sum(t)``: t summed over all data-parallel ranks (identity on one process).
-AllReduceSum = Callable[[Tensor], Tensor]
-#: ``all_gather(t)``: the 1-D tensors of all ranks concatenated in rank order; lengths may differ per rank.
-AllGather = Callable[[Tensor], Tensor]
 
 
 def _identity(x: Tensor) -> Tensor:
@@ -70,23 +114,45 @@ def _identity(x: Tensor) -> Tensor:
 class GRPOLossConfig:
     """Hyper-parameters of the GRPO objective; field names and defaults follow TRL 1.16's ``GRPOConfig``.
 
+    Every field is TRL's name except two kept from older mg3d configs, each with TRL's name accepted as an
+    alias (set either; both read the same value afterwards): ``epsilon_low`` = TRL's ``epsilon``, and
+    ``kl_bias_correction`` = TRL's ``use_bias_correction_kl``. Formulas and when to use each option:
+    ``docs/grpo.md``.
+
     Args:
-        loss_type: aggregation of per-token losses: ``"grpo"`` (per-sequence mean, length-biased),
+        loss_type: the policy term and its aggregation: ``"grpo"`` (per-sequence mean, length-biased),
             ``"bnpo"`` (local token mean), ``"dr_grpo"`` (sum / (B · L_max)), ``"dapo"`` (global token
-            mean over the generation batch; TRL's default).
+            mean over the generation batch; TRL's default), ``"cispo"`` (capped, detached ratio × A ℓp; global
+            token mean), ``"sapo"`` (soft sigmoid gate; per-sequence mean), ``"luspo"`` (clipped; per-sequence
+            *sum*, mean over rows), ``"vespo"`` (gamma-weighted A ℓp; global token mean).
         beta: β, weight of the k3 KL to the reference policy; 0 means no reference model is needed.
         epsilon_low: ε_low, lower clip range of the importance ratio (TRL's ``epsilon``).
-        epsilon_high: ε_high, upper clip range (DAPO "clip-higher" uses 0.28); ``None`` means ε_low.
+        epsilon_high: ε_high, upper clip range (DAPO "clip-higher" uses 0.28); ``None`` means ε_low. For
+            ``cispo`` it is the absolute cap ε_max on the ratio (ScaleRL recommends 5.0).
         delta: δ, cap on the *unclipped* ratio (INTELLECT-2 two-sided clipping); ``None`` is off.
             Must exceed 1, otherwise on-policy tokens with negative advantage would get no gradient.
         temperature: T, the sampling temperature; training log-probs are computed from logits / T.
         scale_rewards: ``"group"`` (or ``True``), ``"batch"`` or ``"none"`` (or ``False``).
+        multi_objective_aggregation: ``"sum_then_normalize"`` (default) or ``"normalize_then_sum"`` (GDPO).
         mask_truncated_completions: drop completions without EOS from the loss (DAPO overlong filtering).
         top_entropy_quantile: ρ; only the top-ρ fraction of tokens by entropy enter the policy term.
         num_iterations: μ, optimisation passes over one generation batch; μ > 1 needs old log-probs.
         importance_sampling_level: ``"token"`` ratios, or one ``"sequence"`` ratio per row (GSPO).
         kl_bias_correction: multiply the KL by the (differentiable) ratio w, as TRL's
             ``use_bias_correction_kl`` (default ``True``) does; this changes the KL gradient even on-policy.
+        sapo_temperature_pos, sapo_temperature_neg: SAPO's τ for positive / non-positive advantages.
+        vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO's gamma shape (k, λ) by the
+            sign of the advantage.
+        off_policy_mask_threshold: δ_KL of DeepSeek-V3.2's off-policy sequence mask; ``None`` is off.
+        entropy_coef: c, weight of the entropy bonus L ← L − c · mean H (0 = off); the initial value in
+            adaptive mode.
+        use_adaptive_entropy: adapt c each optimiser step towards ``entropy_target`` (Skywork-OR1): c moves up
+            by ``entropy_coef_delta`` while the entropy is at or below the target, down otherwise, within
+            [``entropy_coef_min``, ``entropy_coef_max``], and is applied only at or below the target.
+        sync_ref_model: every ``ref_model_sync_steps`` optimiser steps mix the reference towards the policy,
+            π_ref ← α π_θ + (1 − α) π_ref with α = ``ref_model_mixup_alpha`` (TR-DPO); needs β > 0.
+        epsilon: TRL's name of ``epsilon_low`` (alias; read as ``None`` once resolved into ``epsilon_low``).
+        use_bias_correction_kl: TRL's name of ``kl_bias_correction`` (alias; ``None`` once resolved).
     """
 
     loss_type: LossType = "dapo"
@@ -101,22 +167,52 @@ class GRPOLossConfig:
     num_iterations: int = 1
     importance_sampling_level: ImportanceSamplingLevel = "token"
     kl_bias_correction: bool = True
+    multi_objective_aggregation: MultiObjectiveAggregation = "sum_then_normalize"
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
+    off_policy_mask_threshold: float | None = None
+    entropy_coef: float = 0.0
+    use_adaptive_entropy: bool = False
+    entropy_coef_min: float = 0.0
+    entropy_coef_max: float = 1.0
+    entropy_coef_delta: float = 0.005
+    entropy_target: float = 0.2
+    sync_ref_model: bool = False
+    ref_model_mixup_alpha: float = 0.6
+    ref_model_sync_steps: int = 512
+    epsilon: float | None = None
+    use_bias_correction_kl: bool | None = None
 
     def __post_init__(self) -> None:
-        # Frozen dataclass: normalise the two "defaults to another field" values once, here.
-        epsilon_high = self.epsilon_low if self.epsilon_high is None else self.epsilon_high
-        object.__setattr__(self, "scale_rewards", resolve_scale_rewards(self.scale_rewards))
-        object.__setattr__(self, "epsilon_high", epsilon_high)
-        if self.loss_type not in LOSS_TYPES:
-            raise ConfigError(f"GRPOLossConfig.loss_type={self.loss_type!r}: must be one of {LOSS_TYPES}")
-        if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
-            raise ConfigError(
-                f"GRPOLossConfig.importance_sampling_level={self.importance_sampling_level!r}: "
-                f"must be one of {IMPORTANCE_SAMPLING_LEVELS}"
-            )
+        # Frozen dataclass: resolve the TRL-named aliases and the "defaults to another field" values once, here.
+        epsilon_low = _resolve_alias(self, "epsilon_low", "epsilon", 0.2)
+        kl_bias_correction = _resolve_alias(self, "kl_bias_correction", "use_bias_correction_kl", True)
+        epsilon_high = epsilon_low if self.epsilon_high is None else self.epsilon_high
+        for name, value in (
+            ("epsilon_low", epsilon_low),
+            ("epsilon", None),  # resolved into epsilon_low: one value, so dataclasses.replace stays coherent
+            ("kl_bias_correction", kl_bias_correction),
+            ("use_bias_correction_kl", None),
+            ("epsilon_high", epsilon_high),
+            ("scale_rewards", resolve_scale_rewards(self.scale_rewards)),
+        ):
+            object.__setattr__(self, name, value)
+        choices = (
+            ("loss_type", LOSS_TYPES),
+            ("importance_sampling_level", IMPORTANCE_SAMPLING_LEVELS),
+            ("multi_objective_aggregation", MULTI_OBJECTIVE_AGGREGATIONS),
+        )
+        for name, allowed in choices:
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"GRPOLossConfig.{name}={getattr(self, name)!r}: must be one of {allowed}")
+        positive = ("sapo_temperature_pos", "sapo_temperature_neg", "vespo_lambda_pos", "vespo_lambda_neg")
         checks = [
             (math.isfinite(self.beta) and self.beta >= 0, f"beta={self.beta} must be finite and >= 0"),
-            (0 <= self.epsilon_low < 1, f"epsilon_low={self.epsilon_low} must be in [0, 1)"),
+            (0 <= epsilon_low < 1, f"epsilon_low={epsilon_low} must be in [0, 1)"),
             (
                 math.isfinite(epsilon_high) and epsilon_high >= 0,
                 f"epsilon_high={epsilon_high} must be finite and >= 0",
@@ -131,21 +227,51 @@ class GRPOLossConfig:
                 f"top_entropy_quantile={self.top_entropy_quantile} must be in [0, 1]",
             ),
             (self.num_iterations >= 1, f"num_iterations={self.num_iterations} must be >= 1"),
+            *[(getattr(self, n) > 0, f"{n}={getattr(self, n)} must be > 0") for n in positive],
+            (
+                self.off_policy_mask_threshold is None or math.isfinite(self.off_policy_mask_threshold),
+                f"off_policy_mask_threshold={self.off_policy_mask_threshold} must be finite (or None)",
+            ),
+            (math.isfinite(self.entropy_coef), f"entropy_coef={self.entropy_coef} must be finite"),
+            (
+                self.entropy_coef_min <= self.entropy_coef_max and self.entropy_coef_delta >= 0,
+                f"entropy_coef_min={self.entropy_coef_min} must be <= entropy_coef_max={self.entropy_coef_max} "
+                f"and entropy_coef_delta={self.entropy_coef_delta} >= 0",
+            ),
+            (
+                not self.sync_ref_model or self.beta > 0,
+                "sync_ref_model=True needs beta > 0: with beta=0 there is no reference model to synchronise",
+            ),
+            (
+                0 <= self.ref_model_mixup_alpha <= 1,
+                f"ref_model_mixup_alpha={self.ref_model_mixup_alpha} must be in [0, 1]",
+            ),
+            (
+                self.ref_model_sync_steps >= 1,
+                f"ref_model_sync_steps={self.ref_model_sync_steps} must be >= 1",
+            ),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"GRPOLossConfig.{message}")
 
+    @property
+    def entropy_bonus_enabled(self) -> bool:
+        """TRL's ``_entropy_bonus_enabled``: a static coefficient ≠ 0, or adaptive control (even from c = 0)."""
+        return self.entropy_coef != 0.0 or self.use_adaptive_entropy
 
-def resolve_scale_rewards(value: str | bool) -> ScaleRewards:
-    """Map TRL's boolean spellings (``True`` → ``"group"``, ``False`` → ``"none"``) and validate."""
-    if value is True:
-        return "group"
-    if value is False:
-        return "none"
-    if value not in SCALE_REWARDS:
-        raise ConfigError(f"scale_rewards={value!r}: must be one of {SCALE_REWARDS}, True or False")
-    return cast(ScaleRewards, value)
+
+def _resolve_alias(config: object, name: str, alias: str, default: object) -> object:
+    """The value of field ``name`` given its TRL-named ``alias`` (``None`` = not set); both set and different
+    is an error, since one of them would be silently ignored."""
+    value, alias_value = getattr(config, name), getattr(config, alias)
+    if alias_value is None:
+        return value
+    if value != default and value != alias_value:
+        raise ConfigError(
+            f"GRPOLossConfig.{name}={value!r} and its TRL-named alias {alias}={alias_value!r} disagree: set one"
+        )
+    return alias_value
 
 
 def needs_old_logps(num_iterations: int, steps_per_generation: int, grad_accum_steps: int) -> bool:
@@ -156,266 +282,6 @@ def needs_old_logps(num_iterations: int, steps_per_generation: int, grad_accum_s
     moved since sampling, ℓp^old = ℓp.detach(), every ratio is exactly 1 and clipping never fires.
     """
     return grad_accum_steps % (steps_per_generation * num_iterations) != 0
-
-
-# --------------------------------------------------------------------------------------------------
-# Advantages
-# --------------------------------------------------------------------------------------------------
-
-
-def nanstd(x: Tensor, dim: int | None = None, keepdim: bool = False) -> Tensor:
-    r"""Sample standard deviation ignoring NaNs, with Bessel's correction n/(n−1) (NaN when n ≤ 1).
-
-    Written by hand because torch has ``nanmean`` but no ``nanstd``:
-    σ = sqrt( Σ_j (x_j − x̄)² / (n − 1) ) over the n non-NaN x_j.
-    """
-    mean = torch.nanmean(x, dim=dim, keepdim=True)
-    count = (~torch.isnan(x)).sum(dim=dim, keepdim=True)
-    variance = torch.nanmean((x - mean) ** 2, dim=dim, keepdim=True)
-    bessel = torch.where(count > 1, count / (count - 1), torch.full_like(variance, float("nan")))
-    std = torch.sqrt(variance * bessel)
-    if keepdim:
-        return std
-    return std.squeeze() if dim is None else std.squeeze(dim)
-
-
-@dataclass(frozen=True)
-class GroupAdvantages:
-    """Advantages of one generation batch and the statistics behind them (all on the global batch).
-
-    Attributes:
-        advantages: A_i, shape (N,); 0 for unscorable rows (every reward NaN).
-        rewards: R_i = Σ_k w_k r_{i,k} (NaN-aware sum), shape (N,); NaN for unscorable rows.
-        group_mean: μ_g, shape (N / G,).
-        group_std: per-group sample std σ_g, shape (N / G,) (zeros when G = 1).
-        scale_std: the σ each row was (or, for ``"none"``, would have been) divided by, shape (N,):
-            its group's σ_g, or for ``"batch"`` the std of the whole batch.
-        zero_std: ``scale_std ≈ 0`` per row (TRL's ``is_std_zero``); its mean is ``frac_reward_zero_std``.
-        group_zero_std: ``σ_g ≈ 0`` per group: groups without learning signal (DAPO dynamic sampling).
-    """
-
-    advantages: Tensor
-    rewards: Tensor
-    group_mean: Tensor
-    group_std: Tensor
-    scale_std: Tensor
-    zero_std: Tensor
-    group_zero_std: Tensor
-
-    @property
-    def frac_reward_zero_std(self) -> float:
-        """Share of rows whose scaling std is ≈ 0, logged by TRL as ``frac_reward_zero_std``."""
-        return self.zero_std.float().mean().item()
-
-
-def group_advantages(
-    rewards: Tensor,
-    num_generations: int,
-    *,
-    reward_weights: Sequence[float] | Tensor | None = None,
-    scale_rewards: ScaleRewards | bool = "group",
-) -> GroupAdvantages:
-    r"""Group-relative advantages (TRL's default ``multi_objective_aggregation="sum_then_normalize"``).
-
-    With r_{i,k} the reward k of row i (NaN where a reward does not apply) and w_k its weight::
-
-        R_i = Σ_k w_k r_{i,k}            (NaN terms skipped; NaN if all r_{i,k} are NaN: "unscorable")
-        μ_g = nanmean_{j ∈ g} R_j        (unscorable rows are left out of the baseline)
-        σ   = nanstd_{j ∈ g} R_j         ("group"; sample std, Bessel-corrected)
-            = nanstd_{all j} R_j         ("batch": batch std, but the mean stays the group mean)
-        A_i = (R_i − μ_g) / (σ + 1e-4)   ("group", "batch")
-            =  R_i − μ_g                 ("none", Dr. GRPO)
-        A_i ← 0 where A_i is NaN         (unscorable rows, groups with no scorable row)
-
-    Rows must be ordered group by group (G consecutive rows per prompt) and must hold the *whole*
-    generation batch of all ranks, since a group (and the "batch" std) may span ranks: gather the
-    rewards first, then slice the local rows out of ``advantages``.
-
-    Args:
-        rewards: (N,) summed rewards or (N, K) one column per reward function.
-        num_generations: G, completions per prompt; N must be a multiple of G.
-        reward_weights: w_k, K weights (default all 1).
-        scale_rewards: ``"group"``/``True``, ``"batch"`` or ``"none"``/``False``.
-    """
-    scale = resolve_scale_rewards(scale_rewards)
-    if num_generations < 1:
-        raise ConfigError(f"num_generations={num_generations} must be >= 1")
-    if rewards.dim() not in (1, 2):
-        raise DataError(f"rewards must have shape (N,) or (N, K), got {tuple(rewards.shape)}")
-    per_func = rewards if rewards.dim() == 2 else rewards.unsqueeze(1)
-    n_rows, n_funcs = per_func.shape
-    if n_rows == 0 or n_rows % num_generations != 0:
-        raise DataError(
-            f"rewards has {n_rows} rows, not a positive multiple of num_generations={num_generations}"
-        )
-    if not per_func.is_floating_point():
-        per_func = per_func.float()
-    weights = torch.ones(n_funcs) if reward_weights is None else torch.as_tensor(reward_weights)
-    weights = weights.to(device=per_func.device, dtype=per_func.dtype)
-    if weights.shape != (n_funcs,):
-        raise ConfigError(f"reward_weights has {weights.numel()} entries but rewards has {n_funcs} columns")
-
-    unscorable = torch.isnan(per_func).all(dim=1)
-    total = (per_func * weights).nansum(dim=1)
-    total[unscorable] = float("nan")
-
-    grouped = total.view(-1, num_generations)
-    group_mean = torch.nanmean(grouped, dim=1)
-    group_std = nanstd(grouped, dim=1) if num_generations > 1 else torch.zeros_like(group_mean)
-    if scale == "batch":
-        scale_std = nanstd(total).expand_as(total) if n_rows > 1 else torch.zeros_like(total)
-    else:  # "group", and "none" (where σ only feeds the zero-std statistics)
-        scale_std = group_std.repeat_interleave(num_generations)
-
-    advantages = total - group_mean.repeat_interleave(num_generations)
-    if scale != "none":
-        advantages = advantages / (scale_std + ADVANTAGE_EPS)
-    advantages = torch.nan_to_num(advantages, nan=0.0)
-    return GroupAdvantages(
-        advantages=advantages,
-        rewards=total,
-        group_mean=group_mean,
-        group_std=group_std,
-        scale_std=scale_std,
-        zero_std=torch.isclose(scale_std, torch.zeros_like(scale_std)),
-        group_zero_std=torch.isclose(group_std, torch.zeros_like(group_std)),
-    )
-
-
-# --------------------------------------------------------------------------------------------------
-# Per-token log-probabilities, entropies and masks
-# --------------------------------------------------------------------------------------------------
-
-
-def token_logps_and_entropies(
-    logits: Tensor,
-    token_ids: Tensor,
-    *,
-    temperature: float = 1.0,
-    mask: Tensor | None = None,
-    compute_entropy: bool = True,
-) -> tuple[Tensor, Tensor | None]:
-    r"""Per-token log-probabilities and entropies of the temperature-scaled policy.
-
-    For logits z_{i,t,·} that predict token o_{i,t} (the caller has already shifted them by one)::
-
-        ℓp_{i,t} = z_{i,t,o_{i,t}} / T − logsumexp_v(z_{i,t,v} / T)
-        H_{i,t}  = − Σ_v p_v log p_v,   p = softmax(z_{i,t,·} / T)
-
-    Scoring at the sampling temperature T is what makes ℓp the log-probability of the distribution the
-    completion was drawn from (TRL divides by T too). Rows are processed one at a time so only one
-    (T, V) block of temporaries exists at once (like TRL's ``selective_log_softmax``); half-precision
-    logits are upcast to float32 per row. Entropies are computed without gradient: GRPO uses them
-    only to select tokens and for logging. Positions where ``mask`` is 0 are exactly 0 in both outputs.
-
-    Args:
-        logits: (B, T_c, V) logits aligned with ``token_ids``.
-        token_ids: (B, T_c) sampled token ids.
-        temperature: T > 0.
-        mask: optional (B, T_c) completion mask.
-        compute_entropy: return entropies (else ``None``).
-
-    Returns:
-        ``(logps, entropies)``, each (B, T_c) in float32 (float64 for float64 logits).
-    """
-    if not temperature > 0:
-        raise ConfigError(f"temperature={temperature} must be > 0")
-    if logits.dim() != 3 or token_ids.shape != logits.shape[:2]:
-        raise DataError(
-            f"logits {tuple(logits.shape)} and token_ids {tuple(token_ids.shape)} "
-            "must be (B, T, V) and (B, T)"
-        )
-    out_dtype = torch.promote_types(logits.dtype, torch.float32)
-    logps, entropies = [], []
-    for row_logits, row_ids in zip(logits, token_ids):
-        scaled = row_logits.to(out_dtype) / temperature
-        log_z = torch.logsumexp(scaled, dim=-1)
-        logps.append(scaled.gather(-1, row_ids.unsqueeze(-1)).squeeze(-1) - log_z)
-        if compute_entropy:
-            with torch.no_grad():
-                row_logp = scaled - log_z.unsqueeze(-1)
-                entropies.append(-(row_logp.exp() * row_logp).sum(-1))
-    logp = torch.stack(logps)
-    entropy = torch.stack(entropies) if compute_entropy else None
-    if mask is not None:
-        keep = mask.bool()
-        logp = logp.masked_fill(~keep, 0.0)
-        entropy = None if entropy is None else entropy.masked_fill(~keep, 0.0)
-    return logp, entropy
-
-
-def completion_mask(
-    completion_ids: Tensor,
-    eos_token_ids: int | Sequence[int],
-    *,
-    pad_token_id: int | None = None,
-    mask_truncated: bool = False,
-) -> tuple[Tensor, Tensor]:
-    r"""Loss mask of sampled completions: 1 up to **and including** the first EOS, 0 after it.
-
-    ``m_{i,t} = 1[t ≤ t_eos(i)]`` with t_eos the first EOS position (the whole row if there is none).
-    The EOS is included because emitting it is an action the policy is rewarded for: an EOS-only
-    completion has length 1. A row is *truncated* when its last kept token is neither an EOS nor the
-    pad id (TRL's test), i.e. generation hit the length limit. With ``mask_truncated`` (DAPO overlong
-    filtering) truncated rows are zeroed, so they leave the loss and the token count ``num_items_in_batch``
-    — but they still count in their group's reward mean and std.
-
-    Args:
-        completion_ids: (B, T_c) generated ids, right-padded.
-        eos_token_ids: the id(s) that end a completion.
-        pad_token_id: a row without EOS whose last id is this one is not counted as truncated (TRL).
-        mask_truncated: zero the mask of truncated rows.
-
-    Returns:
-        ``(mask, is_truncated)``: (B, T_c) int64 mask and (B,) bool.
-    """
-    if completion_ids.dim() != 2 or completion_ids.size(1) == 0:
-        raise DataError(f"completion_ids must be (B, T) with T >= 1, got {tuple(completion_ids.shape)}")
-    eos = torch.as_tensor(
-        [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids),
-        device=completion_ids.device,
-    )
-    is_eos = torch.isin(completion_ids, eos)
-    has_eos = is_eos.any(dim=1)
-    length = completion_ids.size(1)
-    first_eos = torch.where(
-        has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, length, dtype=torch.long)
-    )
-    positions = torch.arange(length, device=completion_ids.device)
-    mask = (positions.unsqueeze(0) <= first_eos.unsqueeze(1)).long()
-    is_truncated = ~has_eos
-    if pad_token_id is not None:
-        is_truncated = is_truncated & (completion_ids[:, -1] != pad_token_id)
-    if mask_truncated:
-        mask = mask * (~is_truncated).long().unsqueeze(1)
-    return mask, is_truncated
-
-
-def top_entropy_mask(
-    entropies: Tensor, mask: Tensor, quantile: float, *, all_gather: AllGather | None = None
-) -> Tensor:
-    r"""High-entropy token mask ("Beyond the 80/20 rule"): keep the top-ρ fraction of tokens by entropy.
-
-    τ = Quantile_{1−ρ}{ H_{j,s} : m_{j,s} = 1, over all ranks } (linear interpolation, ``torch.quantile``);
-    h_{i,t} = 1[H_{i,t} ≥ τ] · m_{i,t}. ρ = 1 keeps every token, ρ = 0 only the highest-entropy one(s).
-
-    Args:
-        entropies: (B, T) per-token entropies.
-        mask: (B, T) loss mask (truncated rows already zeroed, so they are not considered).
-        quantile: ρ ∈ [0, 1] (``top_entropy_quantile``).
-        all_gather: concatenates the 1-D valid entropies of all ranks (identity on one process).
-
-    Returns:
-        (B, T) bool mask.
-    """
-    if not 0 <= quantile <= 1:
-        raise ConfigError(f"top_entropy_quantile={quantile} must be in [0, 1]")
-    valid = entropies[mask.bool()].float()
-    pooled = (all_gather or _identity)(valid)
-    if pooled.numel() == 0:
-        return torch.zeros_like(mask, dtype=torch.bool)
-    threshold = torch.quantile(pooled, 1 - quantile)
-    return (entropies >= threshold) & mask.bool()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -487,15 +353,17 @@ def aggregate_loss(
         dapo    : L = Σ m ℓ / (max(N, 1)/P · GA/S)               with S = GA: P Σ_local / N, which after
                                                                  DDP averaging and GA summation is the
                                                                  token mean of the generation batch
+        sapo    : as grpo;   cispo, vespo: as dapo
+        luspo   : L = (1/B) Σ_i Σ_t m ℓ / GA                     mean of per-sequence *sums* (LUSPO)
 
-    Outside training (``training=False``) nothing is accumulated: GA is taken as 1 and dapo divides
-    by N/P.
+    Outside training (``training=False``) nothing is accumulated: GA is taken as 1 and dapo (cispo,
+    vespo) divide by N/P.
 
     Args:
         per_token_loss: (B, T) or broadcastable to ``mask``.
         mask: (B, T) loss mask.
-        loss_type: one of ``"grpo"``, ``"bnpo"``, ``"dr_grpo"``, ``"dapo"``.
-        num_items_in_batch: N (dapo). ``None`` means "this micro-batch is the whole generation batch":
+        loss_type: one of ``LOSS_TYPES``.
+        num_items_in_batch: N (dapo, cispo, vespo). ``None`` means "this micro-batch is the whole generation batch":
             N = Σ m, allowed only with P = 1 and S = 1.
         max_completion_length: L_max (dr_grpo only).
         grad_accum_steps: GA (TRL's ``current_gradient_accumulation_steps``).
@@ -510,8 +378,10 @@ def aggregate_loss(
     mask = mask.to(per_token_loss.dtype)
     masked = per_token_loss * mask
     accumulation = grad_accum_steps if training else 1
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "sapo"):
         return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean() / accumulation
+    if loss_type == "luspo":
+        return masked.sum(-1).mean() / accumulation
     if loss_type == "bnpo":
         return masked.sum() / mask.sum().clamp(min=1.0) / accumulation
     if loss_type == "dr_grpo":
@@ -520,14 +390,14 @@ def aggregate_loss(
                 f"loss_type='dr_grpo' needs max_completion_length >= 1, got {max_completion_length}"
             )
         return masked.sum() / (masked.size(0) * max_completion_length) / accumulation
-    if loss_type == "dapo":
+    if loss_type in ("dapo", "cispo", "vespo"):
         steps = grad_accum_steps if steps_per_generation is None else steps_per_generation
         if steps < 1:
             raise ConfigError(f"steps_per_generation={steps_per_generation} must be >= 1")
         if num_items_in_batch is None:
             if num_processes != 1 or (training and steps != 1):
                 raise ConfigError(
-                    "loss_type='dapo' needs num_items_in_batch (active tokens of the whole generation batch "
+                    f"loss_type={loss_type!r} needs num_items_in_batch (active tokens of the whole generation batch "
                     f"on all ranks) when num_processes={num_processes} or steps_per_generation={steps} is > 1"
                 )
             num_items_in_batch = mask.sum()
@@ -554,29 +424,38 @@ def grpo_loss(
     steps_per_generation: int | None = None,
     num_processes: int = 1,
     training: bool = True,
+    entropy_control: AdaptiveEntropyCoef | None = None,
     all_reduce_sum: AllReduceSum | None = None,
     all_gather: AllGather | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     r"""The GRPO loss of one micro-batch and TRL's loss metrics (``GRPOTrainer._compute_loss``).
 
-    Steps, each a function of this module::
+    Steps, in TRL's order::
 
         λ = ℓp − ℓp^old;  w = exp(λ) (token) or exp(mean_t λ) (sequence)      log_importance_weights
         KL = k3(ℓp, ℓp^ref) · (w if kl_bias_correction)                       k3_kl        (β > 0)
-        ℓ = −min(min(w, δ) A, clip(w, 1−ε_low, 1+ε_high) A)                   clipped_surrogate
+        ℓ = −min(min(w, δ) A, clip(w, 1−ε_low, 1+ε_high) A)                   clipped_surrogate (grpo, bnpo,
+                                                                               dr_grpo, dapo, luspo)
+          = −sg(min(w, ε_high)) A ℓp                                          cispo_term
+          = −(4/τ) σ(τ (w − 1)) A                                             sapo_term
+          = −φ(W) A ℓp                                                         vespo_gamma_weights
+        ℓ ← ℓ · o   (o: off-policy sequence mask, if a threshold is set)      off_policy_sequence_mask
         ℓ ← ℓ · h   (h: top-ρ entropy mask, ρ < 1)                            top_entropy_mask
-        ℓ ← ℓ + β KL                                                           (KL is not entropy-masked)
+        ℓ ← ℓ + β KL                                                           (KL is not masked by o or h)
         L = aggregate(ℓ, m)                                                    aggregate_loss
+        L ← L − c · Σ H m h / max(Σ m h, 1) / GA                              entropy bonus (c ≠ 0)
 
     ``old_logps=None`` means the batch is on-policy (μ = 1 and ``needs_old_logps`` is false): ℓp^old =
     ℓp.detach(), so w = 1 in value but its gradient is ∇ℓp. The loss *value* is then ≈ 0 (mean-zero
     advantages) while its gradient is not.
 
     Metrics (global over ranks through ``all_reduce_sum`` / ``all_gather``, as TRL logs them):
-    ``entropy`` (token mean of H; needs ``entropies``), ``kl`` (token mean of the KL above; β > 0),
-    ``clip_ratio/low_mean`` (share of tokens with w < 1−ε_low and A < 0), ``clip_ratio/high_mean``
-    (w > 1+ε_high and A > 0), ``clip_ratio/region_mean`` (either), ``clip_ratio/low_min`` and
-    ``clip_ratio/high_max`` (min / max over sequences of the per-sequence share). w here is δ-capped.
+    ``entropy`` (token mean of H; needs ``entropies``), ``kl`` (token mean of the KL above; β > 0);
+    for the clipped types ``clip_ratio/low_mean`` (share of tokens with w < 1−ε_low and A < 0),
+    ``clip_ratio/high_mean`` (w > 1+ε_high and A > 0), ``clip_ratio/region_mean`` (either),
+    ``clip_ratio/low_min`` and ``clip_ratio/high_max`` (min / max over sequences of the per-sequence share;
+    w here is δ-capped); ``cispo_clip_ratio`` (w > ε_high and A > 0); ``vespo/phi_seq_mean``; and with the
+    entropy bonus ``policy_loss`` (L before the bonus, mean over ranks).
 
     Args:
         logps: (B, T) ℓp with gradient, at the sampling temperature, 0 where ``mask`` is 0.
@@ -585,9 +464,13 @@ def grpo_loss(
         config: the objective's hyper-parameters.
         old_logps: (B, T) ℓp^old from the sampling policy (needed when μ > 1), else ``None``.
         ref_logps: (B, T) ℓp^ref; required when β > 0.
-        entropies: (B, T) per-token entropies; required when ``top_entropy_quantile < 1``.
+        entropies: (B, T) per-token entropies; required when ``top_entropy_quantile < 1`` or the entropy
+            bonus is on (then with gradient, or the bonus adds nothing to the gradient).
         num_items_in_batch, max_completion_length, grad_accum_steps, steps_per_generation, num_processes,
             training: the normalisation inputs, see ``aggregate_loss``.
+        entropy_control: with ``use_adaptive_entropy``, the controller whose gated coefficient this micro-batch
+            applies and whose window it feeds (training only); the caller ends its step after the optimiser
+            step's last micro-batch. Required in adaptive mode; otherwise ``config.entropy_coef`` is applied.
         all_reduce_sum, all_gather: collectives over the data-parallel ranks (identities by default).
 
     Returns:
@@ -604,11 +487,17 @@ def grpo_loss(
         raise DataError(
             f"advantages has shape {tuple(advantages.shape)}, expected ({logps.size(0)},) or (B, T)"
         )
+    if entropies is None and (config.top_entropy_quantile < 1.0 or config.entropy_bonus_enabled):
+        raise ConfigError(
+            f"top_entropy_quantile={config.top_entropy_quantile} / entropy_coef={config.entropy_coef} "
+            f"(use_adaptive_entropy={config.use_adaptive_entropy}) needs per-token entropies"
+        )
     reduce_sum = all_reduce_sum or _identity
     gather = all_gather or _identity
 
     adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
     old = logps.detach() if old_logps is None else old_logps
+    log_ratio = logps - old
     ratio = torch.exp(log_importance_weights(logps, old, mask, config.importance_sampling_level))
 
     per_token_kl = None
@@ -622,12 +511,31 @@ def grpo_loss(
             per_token_kl = per_token_kl * ratio
 
     epsilon_high = config.epsilon_low if config.epsilon_high is None else config.epsilon_high
-    per_token_loss, capped_ratio = clipped_surrogate(
-        ratio, adv, config.epsilon_low, epsilon_high, config.delta
-    )
+    capped_ratio, phi = ratio, None
+    if config.loss_type in CLIPPED_LOSS_TYPES:
+        per_token_loss, capped_ratio = clipped_surrogate(
+            ratio, adv, config.epsilon_low, epsilon_high, config.delta
+        )
+    elif config.loss_type == "cispo":
+        per_token_loss = cispo_term(ratio, adv, logps, epsilon_high)
+    elif config.loss_type == "sapo":
+        per_token_loss = sapo_term(ratio, adv, config.sapo_temperature_pos, config.sapo_temperature_neg)
+    elif config.loss_type == "vespo":
+        phi = vespo_gamma_weights(
+            adv, log_ratio, mask,
+            k_pos=config.vespo_k_pos, lambda_pos=config.vespo_lambda_pos,
+            k_neg=config.vespo_k_neg, lambda_neg=config.vespo_lambda_neg,
+        )  # fmt: skip
+        per_token_loss = -phi * adv * logps
+    else:
+        raise ConfigError(f"loss_type={config.loss_type!r}: must be one of {LOSS_TYPES}")
+    if config.off_policy_mask_threshold is not None:
+        per_token_loss = per_token_loss * off_policy_sequence_mask(
+            adv, logps, old, mask, config.off_policy_mask_threshold
+        )
+    keep = None
     if config.top_entropy_quantile < 1.0:
-        if entropies is None:
-            raise ConfigError(f"top_entropy_quantile={config.top_entropy_quantile} needs per-token entropies")
+        assert entropies is not None  # checked above
         keep = top_entropy_mask(entropies, mask, config.top_entropy_quantile, all_gather=all_gather)
         per_token_loss = per_token_loss * keep
     if per_token_kl is not None:
@@ -644,6 +552,21 @@ def grpo_loss(
         num_processes=num_processes,
         training=training,
     )
+    metrics: dict[str, float] = {}
+    if config.entropy_bonus_enabled:
+        assert entropies is not None  # checked above
+        # TRL's policy_loss: the policy term before the bonus (for grpo-like types, before the GA divisor).
+        per_step = 1 if config.loss_type in ("dapo", "cispo", "vespo") or not training else grad_accum_steps
+        metrics["policy_loss"] = float(torch.nanmean(gather((loss.detach() * per_step).reshape(1))))
+        effective = mask if keep is None else mask * keep
+        coef = config.entropy_coef
+        if config.use_adaptive_entropy:
+            if entropy_control is None:
+                raise ConfigError("use_adaptive_entropy=True needs the entropy_control of the training run")
+            coef = entropy_control.applied()
+            if training:
+                entropy_control.observe(entropies, effective)
+        loss = loss - coef * entropy_bonus(entropies, effective, grad_accum_steps if training else 1)
 
     with torch.no_grad():
 
@@ -664,20 +587,32 @@ def grpo_loss(
             m = mask.to(x.dtype)
             return (x * m).sum(-1) / m.sum(-1)  # NaN for rows without tokens
 
-        metrics: dict[str, float] = {}
         if per_token_kl is not None:
             metrics["kl"] = global_mean(per_token_kl)
         if entropies is not None:
             metrics["entropy"] = global_mean(entropies)
-        # Clip indicators as float32 whatever the log-prob dtype, as TRL does (the shares round the same).
-        low = ((capped_ratio < 1 - config.epsilon_low) & (adv < 0)).float()
-        high = ((capped_ratio > 1 + epsilon_high) & (adv > 0)).float()
-        metrics["clip_ratio/low_mean"] = global_mean(low)
-        metrics["clip_ratio/high_mean"] = global_mean(high)
-        metrics["clip_ratio/region_mean"] = global_mean(torch.maximum(low, high))
-        metrics["clip_ratio/low_min"] = _nan_extreme(gather(per_sequence_mean(low)), torch.min)
-        metrics["clip_ratio/high_max"] = _nan_extreme(gather(per_sequence_mean(high)), torch.max)
+        if config.loss_type in CLIPPED_LOSS_TYPES:
+            # Clip indicators as float32 whatever the log-prob dtype, as TRL does (the shares round the same).
+            low = ((capped_ratio < 1 - config.epsilon_low) & (adv < 0)).float()
+            high = ((capped_ratio > 1 + epsilon_high) & (adv > 0)).float()
+            metrics["clip_ratio/low_mean"] = global_mean(low)
+            metrics["clip_ratio/high_mean"] = global_mean(high)
+            metrics["clip_ratio/region_mean"] = global_mean(torch.maximum(low, high))
+            metrics["clip_ratio/low_min"] = _nan_extreme(gather(per_sequence_mean(low)), torch.min)
+            metrics["clip_ratio/high_max"] = _nan_extreme(gather(per_sequence_mean(high)), torch.max)
+        elif config.loss_type == "cispo":
+            metrics["cispo_clip_ratio"] = global_mean(((ratio > epsilon_high) & (adv > 0)).float())
+        elif phi is not None:
+            metrics["vespo/phi_seq_mean"] = global_mean(phi)
     return loss, metrics
+
+
+def entropy_bonus(entropies: Tensor, mask: Tensor, accumulation: int = 1) -> Tensor:
+    r"""The entropy term of TRL's bonus, ``Σ H m / max(Σ m, 1) / GA``: the token mean of H over the tokens the
+    policy term acts on (``mask`` × the entropy mask), the same for every loss type (not the loss type's
+    normaliser), divided only for gradient accumulation. The loss subtracts ``c`` times it."""
+    m = mask.to(entropies.dtype)
+    return (entropies * m).sum() / m.sum().clamp(min=1.0) / accumulation
 
 
 def _nan_extreme(x: Tensor, reduce: Callable[[Tensor], Tensor]) -> float:

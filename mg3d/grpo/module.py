@@ -4,20 +4,22 @@ One training step takes a *generation batch* of B prompts from the DataModule an
 
     prompts ─► rollout: G completions per prompt (prompt prefilled once, its KV cache shared by the G samples)
             ─► rewards (one parse per completion, mg3d.rewards.RewardSet) ─► group advantages (all ranks)
-            ─► for μ iterations × S slices of the batch (``steps_per_generation``):
-                   Σ over micro-batches: manual_backward(grpo_loss)   (gradient sync only on the last)
-                   clip grad norm ─► optimiser step ─► LR scheduler step
+            ─► for μ iterations × S / GA optimiser steps (TRL's steps_per_generation S, gradient accumulation GA):
+                   Σ over GA micro-batches: manual_backward(grpo_loss)   (gradient sync only on the last)
+                   clip grad norm ─► optimiser step ─► LR scheduler step ─► (entropy control, reference sync)
 
-so one generation batch makes ``μ · S`` optimiser steps (``trainer.global_step`` counts them). With S > 1 or
-μ > 1 the policy moves between the rollout and the later slices, and the loss uses the log-probs of the
-sampling policy (old log-probs), exactly as TRL does.
+so one generation batch makes ``μ · S / GA`` optimiser steps (``trainer.global_step`` counts them). With more than
+one, the policy moves between the rollout and the later steps, and the loss uses the log-probs of the sampling
+policy (old log-probs), exactly as TRL does. The geometry and the normalisation inputs are in
+:mod:`mg3d.grpo.step`, the held-out evaluation in :mod:`mg3d.grpo.heldout`.
 
 A supervised warm start can run first (``warm_start.steps`` optimiser steps of teacher-forced
 cross-entropy, :mod:`mg3d.sft`): the tiny offline model knows nothing, real checkpoints skip it.
 
-The maths (advantages, clipped surrogate, KL, the four normalisations) is in :mod:`mg3d.grpo.loss`, checked
-number for number against TRL 1.16.0. A frozen reference model exists only when β > 0 and is kept out of
-checkpoints (it is rebuilt from the policy's initial weights).
+The maths (advantages, the eight loss types, KL, normalisations, entropy bonus) is in :mod:`mg3d.grpo.loss`,
+checked number for number against TRL 1.16.0, and this module's use of it by
+``tests/test_grpo_module_parity.py``. A reference model exists only when β > 0 and is kept out of checkpoints
+(it is rebuilt from the policy's initial weights).
 """
 
 from __future__ import annotations
@@ -36,19 +38,26 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mg3d.boxes import CoordinateFrame
+from mg3d.checkpointing import moved_class_aliases
 from mg3d.errors import ConfigError
-from mg3d.grounding import GroundingPrompter, PromptBatch
-from mg3d.grpo.config import EvalConfig, OptimConfig, PolicyConfig, PromptConfig, WarmStartConfig
+from mg3d.generation import HFRolloutBackend, Rollout, RolloutConfig, completion_logprobs
+from mg3d.grounding import GroundingPrompter, PromptBatch, PromptConfig
+from mg3d.grpo.config import EvalConfig, OptimConfig, WarmStartConfig
+from mg3d.grpo.entropy_control import AdaptiveEntropyCoef
+from mg3d.grpo.heldout import HeldOutEvaluation, as_samples, format_summary
 from mg3d.grpo.loss import GRPOLossConfig, group_advantages, grpo_loss, needs_old_logps
-from mg3d.grpo.rollout import HFRolloutBackend, Rollout, RolloutConfig, completion_logprobs
 from mg3d.grpo.schedule import PhaseSchedule
+from mg3d.grpo.step import BatchGeometry, ReferenceModel, subset_rollout, trl_normalisation
+from mg3d.lora import LoRAConfig, adapters_disabled
+from mg3d.model import PolicyConfig
 from mg3d.rewards import RewardSet, RewardTarget
+from mg3d.rewards.targets import target_from_sample
 from mg3d.sft import sft_loss
+from mg3d.sharding import gathered_parameters, is_sharded, shard_policy
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GRPOModule"]
+__all__ = ["GRPOModule", "as_samples", "format_summary"]
 
 DEFAULT_REWARDS: dict[str, Any] = {"format": 1.0, "iou": 1.0}
 
@@ -57,36 +66,11 @@ DEFAULT_REWARDS: dict[str, Any] = {"format": 1.0, "iou": 1.0}
 torch.serialization.add_safe_globals(
     [PolicyConfig, PromptConfig, OptimConfig, WarmStartConfig, EvalConfig, RolloutConfig, GRPOLossConfig]
 )
+torch.serialization.add_safe_globals([LoRAConfig])  # policy.lora, nested in PolicyConfig
+torch.serialization.add_safe_globals(moved_class_aliases())  # checkpoints that name a class's old path
 
 
-def as_samples(batch: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """The DataModule's dict of aligned lists as a list of per-sample dicts (a list passes through)."""
-    if isinstance(batch, Mapping):
-        keys = list(batch)
-        n = len(batch[keys[0]]) if keys else 0
-        return [{k: batch[k][i] for k in keys} for i in range(n)]
-    return list(batch)
-
-
-def _subset_rollout(rollout: Rollout, prompts: Sequence[int]) -> tuple[Rollout, Tensor]:
-    """The completions of some prompts as a rollout of their own (prompt indices renumbered from 0)."""
-    prompts = list(prompts)
-    rows = torch.cat([torch.nonzero(rollout.prompt_index == p).flatten() for p in prompts])
-    renumber = {p: i for i, p in enumerate(prompts)}
-    sub = Rollout(
-        prompt_ids=rollout.prompt_ids[prompts],
-        prompt_mask=rollout.prompt_mask[prompts],
-        completion_ids=rollout.completion_ids[rows],
-        completion_mask=rollout.completion_mask[rows],
-        texts=[rollout.texts[i] for i in rows.tolist()],
-        is_truncated=rollout.is_truncated[rows],
-        prompt_index=torch.tensor([renumber[int(p)] for p in rollout.prompt_index[rows].tolist()]),
-        num_generations=rollout.num_generations,
-    )
-    return sub, rows
-
-
-class GRPOModule(pl.LightningModule):
+class GRPOModule(HeldOutEvaluation, pl.LightningModule):
     """GRPO (with an optional supervised warm start) for medical image grounding.
 
     Args:
@@ -99,8 +83,14 @@ class GRPOModule(pl.LightningModule):
         optim: AdamW and the learning-rate schedule of the GRPO phase.
         warm_start: supervised steps before GRPO (0 = none).
         evaluation: held-out evaluation before and after GRPO inside ``fit``.
-        steps_per_generation: S, optimiser steps per generation batch (TRL's ``steps_per_generation``).
-        micro_batch_size: prompts per forward/backward inside a slice (gradient accumulation); ``None`` = all.
+        steps_per_generation: S, micro-batches per generation batch, as in TRL (default: GA, i.e. one optimiser
+            step per generation batch). mg3d configs before issue 22 used it for optimiser steps: that meaning is
+            kept, with a deprecation warning, when ``micro_batch_size`` is also set (see :mod:`mg3d.grpo.step`).
+        gradient_accumulation_steps: GA, micro-batches per optimiser step (TRL's name); S / GA optimiser steps.
+        micro_batch_size: prompts per micro-batch (mg3d's other spelling of GA, for a batch size that varies);
+            ``None`` = GA micro-batches.
+        generation_batch_size: TRL's completions per generation batch on all ranks; mg3d's generation batch is
+            the DataModule batch (B prompts × G per rank), so this is a check: B · G · world size must equal it.
         dynamic_sampling: drop groups whose rewards are all equal (DAPO); they carry no gradient anyway.
         sampling_seed: base seed of the sampling generator (rank r uses ``sampling_seed + r``); also the tiny
             policy's init seed when ``policy.seed`` is null.
@@ -118,8 +108,10 @@ class GRPOModule(pl.LightningModule):
         optim: OptimConfig | None = None,
         warm_start: WarmStartConfig | None = None,
         evaluation: EvalConfig | None = None,
-        steps_per_generation: int = 1,
+        steps_per_generation: int | None = None,
         micro_batch_size: int | None = None,
+        gradient_accumulation_steps: int = 1,
+        generation_batch_size: int | None = None,
         dynamic_sampling: bool = False,
         sampling_seed: int = 0,
         log_completions_every_n_steps: int = 50,
@@ -134,16 +126,23 @@ class GRPOModule(pl.LightningModule):
         self.optim_config = optim or OptimConfig()
         self.warm_start = warm_start or WarmStartConfig()
         self.eval_config = evaluation or EvalConfig()
-        if steps_per_generation < 1:
-            raise ConfigError(f"steps_per_generation must be >= 1, got {steps_per_generation}")
-        if micro_batch_size is not None and micro_batch_size < 1:
-            raise ConfigError(f"micro_batch_size must be >= 1 or null, got {micro_batch_size}")
+        self.geometry = BatchGeometry.from_options(
+            steps_per_generation, gradient_accumulation_steps, micro_batch_size
+        )
+        if generation_batch_size is not None and generation_batch_size % self.rollout_config.num_generations:
+            raise ConfigError(
+                f"generation_batch_size={generation_batch_size} must be a multiple of rollout.num_generations="
+                f"{self.rollout_config.num_generations}"
+            )
         if abs(self.loss_config.temperature - self.rollout_config.temperature) > 1e-12:
             raise ConfigError(
                 f"loss.temperature={self.loss_config.temperature} differs from rollout.temperature="
                 f"{self.rollout_config.temperature}: log-probs must be computed at the sampling temperature"
             )
+        self.generation_batch_size = generation_batch_size
+        # the options as given (the geometry above is what the step uses)
         self.steps_per_generation = steps_per_generation
+        self.gradient_accumulation_steps = gradient_accumulation_steps
         self.micro_batch_size = micro_batch_size
         self.dynamic_sampling = dynamic_sampling
         self.sampling_seed = sampling_seed
@@ -153,16 +152,31 @@ class GRPOModule(pl.LightningModule):
 
         self.policy = self.policy_config.build(default_seed=self.sampling_seed)
         self.model = self.policy.model  # registered as a submodule: Lightning moves, saves and syncs it
-        self.prompter = GroundingPrompter.from_config(self.policy, self.prompt_config)
+        self.prompter = GroundingPrompter(self.policy, self.prompt_config)
         self.reward_set = RewardSet.from_config(
             rewards or DEFAULT_REWARDS, codec=self.policy.codec_name, parse_mode=self.prompt_config.parse_mode
         )
-        # The reference model is not a registered submodule, so it is neither optimised nor checkpointed.
-        self._ref_model: torch.nn.Module | None = None
-        if self.loss_config.beta > 0:
-            ref = copy.deepcopy(self.policy.model).eval()
-            ref.requires_grad_(False)
-            object.__setattr__(self, "_ref_model", ref)
+        # The reference model is not a registered submodule, so it is neither optimised nor checkpointed. With
+        # LoRA it is the policy with its adapters switched off (no second copy; see _ref_logps).
+        self._reference: ReferenceModel | None = None
+        if self.policy_config.lora is not None and self.loss_config.sync_ref_model:
+            raise ConfigError(
+                "loss.sync_ref_model needs full fine-tuning: with policy.lora the reference is the base model"
+            )
+        if self.loss_config.beta > 0 and self.policy_config.lora is None:
+            object.__setattr__(self, "_reference", ReferenceModel(self.policy.model))
+        lc = self.loss_config
+        self.entropy_control = (
+            AdaptiveEntropyCoef(
+                lc.entropy_coef,
+                lc.entropy_target,
+                lc.entropy_coef_delta,
+                lc.entropy_coef_min,
+                lc.entropy_coef_max,
+            )
+            if lc.use_adaptive_entropy
+            else None
+        )
         self._backend: HFRolloutBackend | None = None
         self._nonfinite_streak = 0
         self.nonfinite_skips = 0
@@ -198,6 +212,22 @@ class GRPOModule(pl.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def configure_model(self) -> None:
+        """Under Lightning's ``ModelParallelStrategy``: shard the policy with FSDP2 over the data-parallel mesh
+        (:func:`mg3d.sharding.shard_policy`); other strategies leave it whole."""
+        mesh = self.device_mesh
+        if mesh is not None and not is_sharded(self.model):
+            if self.loss_config.sync_ref_model:  # the reference copy is whole; mixing it needs whole weights
+                raise ConfigError("loss.sync_ref_model is not supported under FSDP2 (ModelParallelStrategy)")
+            names = mesh.mesh_dim_names or ()
+            shard_policy(self.model, mesh["data_parallel"] if "data_parallel" in names else mesh)
+
+    def on_fit_start(self) -> None:
+        """Train the policy in train mode, as TRL's Trainer does: a policy loaded from a folder arrives in eval
+        mode (``from_pretrained``), which would silently switch dropout (LoRA dropout included) off. Generation
+        and the old/reference log-probs still switch to eval mode themselves."""
+        self.model.train()
+
     def _rollout_backend(self) -> HFRolloutBackend:
         if self._backend is None:
             rank = self.global_rank if self._trainer is not None else 0  # the property raises when detached
@@ -213,6 +243,8 @@ class GRPOModule(pl.LightningModule):
         checkpoint["mg3d_eval_results"] = self.eval_results
         checkpoint["mg3d_nonfinite_skips"] = self.nonfinite_skips
         checkpoint["mg3d_grpo_phase_started"] = self.grpo_phase_started
+        if self.entropy_control is not None:  # TRL: entropy_ctrl_state.json
+            checkpoint["mg3d_entropy_control"] = self.entropy_control.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("mg3d_sampling_rng")
@@ -221,6 +253,9 @@ class GRPOModule(pl.LightningModule):
         self.eval_results = dict(checkpoint.get("mg3d_eval_results", {}))
         self.nonfinite_skips = int(checkpoint.get("mg3d_nonfinite_skips", 0))
         self.grpo_phase_started = bool(checkpoint.get("mg3d_grpo_phase_started", False))
+        entropy_state = checkpoint.get("mg3d_entropy_control")
+        if self.entropy_control is not None and entropy_state is not None:
+            self.entropy_control.load_state_dict(entropy_state)
 
     # ------------------------------------------------------------------ training
 
@@ -306,28 +341,13 @@ class GRPOModule(pl.LightningModule):
 
         IoU is invariant to the axis-aligned maps between the original voxel grid and the pipeline grid, so
         rewards scored here equal rewards in the original frame, and the semantic reward can crop the tensor
-        already in memory instead of reloading the original file.
+        already in memory instead of reloading the original file. ``target_from_sample`` (shared with the
+        semantic property study) turns the windowed tensor back into HU / SUV through the preset's declaration.
         """
-        targets = []
-        for i, sample in enumerate(batch.samples):
-            pipeline_frame: CoordinateFrame = sample["frame"]
-            text_frame = batch.frames[i]
-            token_frame = CoordinateFrame(pipeline_frame.shape, text_frame.steps[len(pipeline_frame.steps) :])
-            boxes = sample.get("target_boxes")
-            if boxes is None:
-                boxes = pipeline_frame.to_text(batch.gt_boxes[i])
-            image = sample["image"]
-            targets.append(
-                RewardTarget(
-                    record_id=batch.ids[i],
-                    boxes=np.asarray(boxes, dtype=np.float64),
-                    frame=token_frame,
-                    image=image.detach().cpu().numpy() if isinstance(image, Tensor) else image,
-                    spacing=sample.get("spacing"),
-                    phrase=batch.texts[i],
-                )
-            )
-        return targets
+        return [
+            target_from_sample(sample, record_id=batch.ids[i], phrase=batch.texts[i], frame=grid_to_text)
+            for i, (sample, grid_to_text) in enumerate(zip(batch.samples, batch.grid_to_text))
+        ]
 
     def _gather_rewards(self, rewards: Tensor) -> tuple[Tensor, int]:
         """Rewards of every rank (rank order) and this rank's offset, for advantages over the global batch."""
@@ -355,8 +375,13 @@ class GRPOModule(pl.LightningModule):
         reward_out = self.reward_set(rollout.texts, targets, batch=parsed)
         per_func = reward_out.as_tensor().to(self.device)
         all_rewards, offset = self._gather_rewards(per_func)
+        self._check_generation_batch_size(all_rewards.shape[0])
         adv = group_advantages(
-            all_rewards, G, reward_weights=list(reward_out.weights.values()), scale_rewards=cfg.scale_rewards
+            all_rewards,
+            G,
+            reward_weights=list(reward_out.weights.values()),
+            scale_rewards=cfg.scale_rewards,
+            multi_objective_aggregation=cfg.multi_objective_aggregation,
         )
         n_local = per_func.shape[0]
         advantages = adv.advantages[offset : offset + n_local]
@@ -389,31 +414,35 @@ class GRPOModule(pl.LightningModule):
             self._log_metrics("train", metrics, batch_size=len(batch))
             return
 
-        S = self.steps_per_generation
-        slices = [keep[i::S] for i in range(S)] if len(keep) >= S else [keep]
-        with_old = needs_old_logps(cfg.num_iterations, len(slices), 1)
+        plan = self.geometry.plan(keep)
+        with_old = needs_old_logps(cfg.num_iterations, len(plan), 1)
         old_logps = self._logps(batch, rollout, no_grad=True) if with_old else None
-        ref_logps = self._logps(batch, rollout, no_grad=True, model=self._ref_model) if cfg.beta > 0 else None
-        max_len = rollout.completion_ids.shape[1]
+        ref_logps = self._ref_logps(batch, rollout) if cfg.beta > 0 else None
         # Active tokens of the whole generation batch on all ranks: DAPO's global normaliser (TRL).
         num_items = self._all_reduce_sum(mask[[r for p in keep for r in range(p * G, p * G + G)]].sum())
+        world = self.trainer.world_size if self.trainer is not None else 1
+        # The entropy bonus needs the entropies' gradient; otherwise they only select tokens and are logged.
+        entropy_grad = cfg.entropy_bonus_enabled
 
         loss_metrics: list[dict[str, float]] = []
+        step_losses: list[float] = []
         nonfinite = False
         for _ in range(cfg.num_iterations):
-            for prompts in slices:
-                micro = self.micro_batch_size or len(prompts)
-                chunks = [prompts[i : i + micro] for i in range(0, len(prompts), micro)]
+            for chunks in plan:
                 optimizer = self.optimizers()
+                step_loss = 0.0
+                normalisation = trl_normalisation(
+                    num_items, len(chunks), len(plan), self.rollout_config.max_new_tokens, world
+                )
                 for j, chunk in enumerate(chunks):
                     sub_batch = self.prompter.subset(batch, chunk)
-                    sub_rollout, rows = _subset_rollout(rollout, chunk)
+                    sub_rollout, rows = subset_rollout(rollout, chunk)
                     rows = rows.to(self.device)
-                    # DDP: gradients are all-reduced only on the last micro-batch of a slice.
+                    # DDP: gradients are all-reduced only on the last micro-batch of a step.
                     with optimizer.toggle_model(sync_grad=j == len(chunks) - 1):
-                        logps = completion_logprobs(
+                        logps, entropies = completion_logprobs(
                             self.policy, sub_batch.inputs, sub_rollout, cfg.temperature,
-                            self.rollout_config.share_prompt,
+                            self.rollout_config.share_prompt, with_entropy=True, entropy_grad=entropy_grad,
                         )  # fmt: skip
                         loss, lm = grpo_loss(
                             logps,
@@ -422,25 +451,25 @@ class GRPOModule(pl.LightningModule):
                             cfg,
                             old_logps=None if old_logps is None else old_logps[rows],
                             ref_logps=None if ref_logps is None else ref_logps[rows],
-                            num_items_in_batch=num_items,
-                            max_completion_length=max_len,
-                            grad_accum_steps=len(chunks),
-                            steps_per_generation=len(slices),
-                            num_processes=self.trainer.world_size if self.trainer is not None else 1,
+                            entropies=entropies,
+                            entropy_control=self.entropy_control,
+                            **normalisation,
                         )
                         if not torch.isfinite(loss):
                             nonfinite = True
                             break
                         self.manual_backward(loss)
-                    lm["loss"] = float(loss.detach())
+                    step_loss += float(loss.detach())
                     loss_metrics.append(lm)
                 if nonfinite:
                     break
                 if not self._grads_finite():
                     nonfinite = True
                     break
+                step_losses.append(step_loss)
                 step_metrics: dict[str, float] = {}
                 self._optimizer_step(step_metrics)
+                self._after_optimizer_step(step_metrics)
                 metrics.update(step_metrics)
             if nonfinite:
                 break
@@ -451,9 +480,40 @@ class GRPOModule(pl.LightningModule):
         for key in loss_metrics[0] if loss_metrics else []:
             values = [m[key] for m in loss_metrics if not math.isnan(m[key])]
             metrics[key] = float(np.mean(values)) if values else math.nan
+        # As the HF Trainer logs TRL's loss: the micro-batch losses (each already divided for accumulation)
+        # summed over an optimiser step, averaged over the optimiser steps — independent of micro-batching.
+        metrics["loss"] = float(np.mean(step_losses))
         metrics["step_time"] = time.perf_counter() - start
         self._log_metrics("train", metrics, prog_bar=("reward", "iou/mean"), batch_size=len(batch))
         self._maybe_log_completions(batch, rollout, reward_out.total, ious)
+
+    def _after_optimizer_step(self, metrics: dict[str, float]) -> None:
+        """TRL's per-step bookkeeping after ``optimizer.step()``: the adaptive entropy coefficient moves (and
+        ``entropy_coef`` is logged whenever the bonus is on), and the reference model is mixed towards the
+        policy every ``ref_model_sync_steps`` optimiser steps (``sync_ref_model``)."""
+        cfg = self.loss_config
+        if self.entropy_control is not None:
+            world = self.trainer.world_size if self.trainer is not None else 1
+            self.entropy_control.end_step(self._all_reduce_sum if world > 1 else None)
+            metrics["entropy_coef"] = self.entropy_control.coef
+        elif cfg.entropy_bonus_enabled:
+            metrics["entropy_coef"] = cfg.entropy_coef
+        if cfg.sync_ref_model and self._reference is not None:
+            self._reference.maybe_sync(
+                self.model, self.global_step, cfg.ref_model_mixup_alpha, cfg.ref_model_sync_steps
+            )
+
+    def _check_generation_batch_size(self, completions: int) -> None:
+        """TRL's ``generation_batch_size`` is the completions of one generation batch on all ranks; mg3d's comes
+        from the DataModule batch size, so a configured value is checked against it."""
+        if self.generation_batch_size is not None and completions != self.generation_batch_size:
+            G = self.rollout_config.num_generations
+            world = self.trainer.world_size if self.trainer is not None else 1
+            raise ConfigError(
+                f"generation_batch_size={self.generation_batch_size} but a generation batch has {completions} "
+                f"completions (data.batch_size × rollout.num_generations={G} × {world} ranks): set data.batch_size "
+                f"to {self.generation_batch_size // (G * world)} or change generation_batch_size"
+            )
 
     def _log_metrics(
         self, prefix: str, metrics: Mapping[str, float], *, batch_size: int, prog_bar: Sequence[str] = ()
@@ -467,6 +527,13 @@ class GRPOModule(pl.LightningModule):
                 return False
         return True
 
+    def _ref_logps(self, batch: PromptBatch, rollout: Rollout) -> Tensor:
+        """Log-probs under the reference policy: the frozen copy, or with LoRA the base model (adapters off)."""
+        if self._reference is not None:
+            return self._logps(batch, rollout, no_grad=True, model=self._reference.model)
+        with adapters_disabled(self.model):
+            return self._logps(batch, rollout, no_grad=True)
+
     def _logps(
         self, batch: PromptBatch, rollout: Rollout, *, no_grad: bool, model: torch.nn.Module | None = None
     ) -> Tensor:
@@ -477,7 +544,7 @@ class GRPOModule(pl.LightningModule):
         was_training = policy.model.training
         policy.model.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), gathered_parameters(policy.model):  # FSDP2: gathered once for the pass
                 return completion_logprobs(
                     policy,
                     batch.inputs,
@@ -511,137 +578,3 @@ class GRPOModule(pl.LightningModule):
             with path.open("a", encoding="utf-8") as fh:
                 for row in rows:
                     fh.write(json.dumps(dict(zip(columns, row)), ensure_ascii=False) + "\n")
-
-    # ------------------------------------------------------------------ evaluation
-
-    @torch.no_grad()
-    def predict_samples(
-        self,
-        samples: Sequence[Mapping[str, Any]],
-        *,
-        sampled: bool = False,
-        max_new_tokens: int | None = None,
-    ) -> tuple[PromptBatch, list[str], np.ndarray]:
-        """Greedy (or one sampled) completion per sample; returns the batch, texts and best-match IoUs."""
-        batch = self.prompter.build(samples)
-        config = RolloutConfig.one_per_prompt(
-            max_new_tokens or self.eval_config.max_new_tokens,
-            sampled=sampled,
-            temperature=self.eval_config.sampled_temperature,
-            stop_strings=self.rollout_config.stop_strings,  # evaluated as trained
-        )
-        rollout = self._rollout_backend().generate(batch.inputs, config)
-        index = rollout.prompt_index.tolist()
-        decoded = self.prompter.decode(rollout.texts, batch, index)
-        return batch, rollout.texts, self.prompter.ious(decoded, batch, index)
-
-    def _eval_samples(self) -> list[Mapping[str, Any]]:
-        dm = getattr(self.trainer, "datamodule", None) if self.trainer is not None else None
-        if dm is None or not hasattr(dm, "eval_samples"):
-            return []
-        return list(dm.eval_samples(self.eval_config.max_samples))
-
-    def _evaluate(self, stage: str) -> None:
-        """Held-out mIoU / Acc@0.5 (greedy, and sampled at T) of the current policy, logged and remembered."""
-        if not self.eval_config.enabled or self.trainer is None:
-            return
-        samples = self._eval_samples()
-        if not samples:
-            return
-        results: dict[str, float] = {}
-        modes = [("greedy", False)] + ([("sampled", True)] if self.eval_config.sampled else [])
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            for name, sampled in modes:
-                ious: list[float] = []
-                bs = self.eval_config.batch_size
-                for i in range(0, len(samples), bs):
-                    _, _, batch_ious = self.predict_samples(samples[i : i + bs], sampled=sampled)
-                    ious.extend(batch_ious.tolist())
-                arr = np.asarray(ious)
-                results[f"{name}/mIoU"] = float(arr.mean())
-                results[f"{name}/acc@0.5"] = float((arr > 0.5).mean())
-                results[f"{name}/acc@0.3"] = float((arr > 0.3).mean())
-        finally:
-            self.model.train(was_training)
-        results["n"] = float(len(samples))
-        results["step"] = float(self.global_step)
-        self.eval_results[stage] = results
-        # Straight to the loggers: this also runs in on_train_end, where self.log is not allowed.
-        scalars = {f"eval_{stage}/{k}": v for k, v in results.items() if k not in ("n", "step")}
-        for logger in self.loggers:
-            logger.log_metrics(scalars, step=self.global_step)
-        log.info("evaluation %s: %s", stage, results)
-
-    def on_train_end(self) -> None:
-        if self.global_step <= self.grpo_start_step or not self.eval_config.enabled:
-            return
-        self._evaluate("after_grpo")
-        self._write_summary()
-
-    def _write_summary(self) -> None:
-        if self.trainer is None or not self.trainer.is_global_zero:
-            return
-        table = format_summary(self.eval_results)
-        print("\n" + table + "\n", flush=True)
-        if self.trainer.log_dir:
-            out = Path(self.trainer.log_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "grpo_summary.json").write_text(
-                json.dumps(self.eval_results, indent=2) + "\n", encoding="utf-8"
-            )
-            (out / "grpo_summary.md").write_text(table + "\n", encoding="utf-8")
-
-    # ------------------------------------------------------------------ validate / test / predict
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        batch = as_samples(batch)
-        _, _, ious = self.predict_samples(batch)
-        self.log("val/mIoU", float(ious.mean()), batch_size=len(batch), sync_dist=True)
-        self.log("val/acc@0.5", float((ious > 0.5).mean()), batch_size=len(batch), sync_dist=True)
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        batch = as_samples(batch)
-        _, _, ious = self.predict_samples(batch)
-        self.log("test/mIoU", float(ious.mean()), batch_size=len(batch), sync_dist=True)
-        self.log("test/acc@0.5", float((ious > 0.5).mean()), batch_size=len(batch), sync_dist=True)
-
-    def predict_step(self, batch: Any, batch_idx: int) -> list[dict[str, Any]]:
-        batch = as_samples(batch)
-        prompt_batch, texts, ious = self.predict_samples(batch)
-        decoded = self.prompter.decode(texts, prompt_batch, list(range(len(texts))))
-        return [
-            {
-                "id": prompt_batch.ids[i],
-                "text": prompt_batch.texts[i],
-                "completion": texts[i],
-                "box_voxel": None if d.box_voxel is None else d.box_voxel.tolist(),
-                "iou": float(ious[i]),
-            }
-            for i, d in enumerate(decoded)
-        ]
-
-
-def format_summary(results: Mapping[str, Mapping[str, float]]) -> str:
-    """A short markdown table: held-out mIoU and Acc@0.5 at each evaluation stage."""
-    order = [s for s in ("start", "warm_start", "after_grpo") if s in results]
-    lines = [
-        "| stage | step | greedy mIoU | greedy Acc@0.5 | sampled mIoU | sampled Acc@0.5 | n |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for stage in order:
-        r = results[stage]
-
-        def f(key: str, r: Mapping[str, float] = r) -> str:
-            return f"{r[key]:.3f}" if key in r else "–"
-
-        lines.append(
-            f"| {stage} | {int(r.get('step', 0))} | {f('greedy/mIoU')} | {f('greedy/acc@0.5')} | "
-            f"{f('sampled/mIoU')} | {f('sampled/acc@0.5')} | {int(r.get('n', 0))} |"
-        )
-    if "warm_start" in results and "after_grpo" in results:
-        gain = results["after_grpo"]["greedy/mIoU"] - results["warm_start"]["greedy/mIoU"]
-        lines.append("")
-        lines.append(f"GRPO changed held-out greedy mIoU by {gain:+.3f} over the warm-started policy.")
-    return "\n".join(lines)

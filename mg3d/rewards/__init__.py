@@ -1,8 +1,9 @@
 """Rewards for grounding GRPO: one signature, a registry, weights from config (DESIGN.md §4).
 
 Importing this package registers every reward: ``format``, ``iou_binary``, ``iou``, ``giou``,
-``center_distance``, ``semantic`` and ``chain_of_box``. :data:`PAPER_REWARDS` is MedGround-R1's set
-(format + binary IoU + semantic, unweighted sum); Chain-of-Box consistency is off unless configured.
+``center_distance``, ``semantic``, ``chain_of_box`` and ``box_f1`` (several boxes per phrase).
+:data:`PAPER_REWARDS` is MedGround-R1's set (format + binary IoU + semantic, unweighted sum); Chain-of-Box
+consistency is off unless configured.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from mg3d.rewards.base import (
 )
 from mg3d.rewards.chain_of_box import ChainOfBoxReward
 from mg3d.rewards.format import FormatReward
-from mg3d.rewards.semantic import SemanticReward, crop_regions, semantic_property_study
+from mg3d.rewards.multibox import MultiBoxF1Reward
+from mg3d.rewards.semantic import SemanticReward, crop_regions
 from mg3d.rewards.spatial import CenterDistanceReward, GIoUReward, IoUReward, IoUThresholdReward
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
     "GIoUReward",
     "IoUReward",
     "IoUThresholdReward",
+    "MultiBoxF1Reward",
     "ParsedBatch",
     "Reward",
     "RewardOutput",
@@ -48,7 +51,6 @@ __all__ = [
     "completion_text",
     "crop_regions",
     "register_reward",
-    "semantic_property_study",
 ]
 
 #: MedGround-R1: strict format + IoU > 0.5 + semantic consistency, all weighted 1 (``RewardSet.from_config``).

@@ -19,9 +19,18 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 
-from mg3d.boxes import CoordinateFrame, center_distance_mm, pair_giou, pair_iou, validate_boxes
-from mg3d.errors import BoxError, ConfigError, DataError, Mg3dError
-from mg3d.prompts import AbsolutePixelCodec, BoxCodec, ParsedCompletion, get_codec, parse_completion
+from mg3d.boxes import center_distance_mm, pair_giou, pair_iou, validate_boxes
+from mg3d.errors import BoxError, ConfigError, DataError
+from mg3d.frames import CoordinateFrame
+from mg3d.prompts import (
+    AbsolutePixelCodec,
+    Answer,
+    BoxCodec,
+    ParsedCompletion,
+    get_codec,
+    parse_completion,
+    read_answer,
+)
 
 __all__ = [
     "REWARD_REGISTRY",
@@ -74,6 +83,9 @@ class RewardTarget:
       semantic reward reads it; its encoders normalise per image.
     * ``affine`` (``(ndim+1)²``, voxel centres → mm) or ``spacing`` (mm per voxel) give distances in mm.
     * ``phrase`` — the referring text (semantic reward with a text tower).
+    * ``unit`` — what ``image``'s numbers are: ``"HU"``, ``"SUV"``, ``"normalised"`` (a preset's stated
+      ``[0, 1]`` normalisation, e.g. MR percentiles) or ``None`` (unknown: the semantic reward reads the image
+      in its own robust range). :func:`mg3d.rewards.targets.target_from_sample` sets it from the pipeline.
     """
 
     record_id: str
@@ -83,6 +95,7 @@ class RewardTarget:
     affine: np.ndarray | None = None
     spacing: tuple[float, ...] | None = None
     phrase: str = ""
+    unit: str | None = None
     ndim: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -220,18 +233,18 @@ class ParsedBatch:
         self.accept_recovered = accept_recovered
         self.n = len(self.texts)
         self.ndims = np.asarray([t.ndim for t in self.targets], dtype=np.int64)
-        self.parsed: list[ParsedCompletion] = [
-            self._parse(text, t) for text, t in zip(self.texts, self.targets)
-        ]
-        self.pred_text: list[np.ndarray | None] = [self._usable(p) for p in self.parsed]
-        self.pred_voxel: list[np.ndarray | None] = self._to_voxel()
+        answers = [self._read(text, target) for text, target in zip(self.texts, self.targets)]
+        self.parsed: list[ParsedCompletion] = [a.parsed for a in answers]
+        self.pred_text: list[np.ndarray | None] = [a.box_text for a in answers]
+        # in each target's source grid (its frame's source: the voxel grid the ground truth lives in)
+        self.pred_voxel: list[np.ndarray | None] = [a.box_source for a in answers]
         self.has_box = np.asarray([b is not None for b in self.pred_voxel], dtype=bool)
 
     def __len__(self) -> int:
         return self.n
 
     # -- parsing -----------------------------------------------------------------------------------------
-    def _parse(self, text: str, target: RewardTarget, mode: ParseMode | None = None) -> ParsedCompletion:
+    def _check_grid(self, target: RewardTarget) -> tuple[int, ...] | None:
         grid = target.grid_shape
         codec = self.codec
         if codec is not None and grid is None and not isinstance(codec, AbsolutePixelCodec):
@@ -239,44 +252,30 @@ class ParsedBatch:
                 f"record {target.record_id!r}: codec {codec.name!r} scales by the text grid, but the target has "
                 "neither a frame nor an image to tell the grid's shape"
             )
+        return grid
+
+    def _read(self, text: str, target: RewardTarget) -> Answer:
+        """mg3d's one completion → box path (:func:`mg3d.prompts.read_answer`), through the target's frame."""
+        grid = self._check_grid(target)
+        return read_answer(
+            text,
+            target.ndim,
+            frame=target.frame,
+            codec=self.codec,
+            mode=self.parse_mode,
+            accept_recovered=self.accept_recovered,
+            grid_shape=grid,
+        )
+
+    def _parse(self, text: str, target: RewardTarget, mode: ParseMode | None = None) -> ParsedCompletion:
+        grid = self._check_grid(target)
         return parse_completion(
             text,
             target.ndim,
             mode=mode or self.parse_mode,
-            codec=codec if grid is not None else None,
+            codec=self.codec if grid is not None else None,
             grid_shape=grid,
         )
-
-    def _usable(self, parsed: ParsedCompletion) -> np.ndarray | None:
-        if parsed.box is None or not (parsed.ok or (self.accept_recovered and parsed.mode == "lenient")):
-            return None
-        box = np.asarray(parsed.box, dtype=np.float64)
-        d = box.size // 2
-        if not np.all(np.isfinite(box)) or np.any(box[d:] <= box[:d]):
-            return None  # strict mode hands back boxes unvalidated
-        return box
-
-    def _to_voxel(self) -> list[np.ndarray | None]:
-        """Map text-grid boxes to the voxel frame, one call per distinct target (G completions share one)."""
-        out: list[np.ndarray | None] = [None] * self.n
-        groups: dict[int, list[int]] = {}
-        for i, box in enumerate(self.pred_text):
-            if box is not None:
-                groups.setdefault(id(self.targets[i]), []).append(i)
-        for idx in groups.values():
-            target = self.targets[idx[0]]
-            boxes = np.stack([self.pred_text[i] for i in idx])
-            if target.frame is not None:
-                try:
-                    boxes = target.frame.to_voxel(boxes)
-                except Mg3dError:  # cannot happen for valid boxes of the right width; never raise on output
-                    continue
-            for row, i in enumerate(idx):
-                box = boxes[row]
-                d = box.size // 2
-                if np.all(np.isfinite(box)) and np.all(box[d:] > box[:d]):
-                    out[i] = box
-        return out
 
     # -- shared geometry ---------------------------------------------------------------------------------
     def _pairs(self, ndim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -11,19 +11,17 @@ similarity). Three kinds:
 * :class:`PolicyVisionEncoder` — the policy's own vision tower, frozen (a snapshot, so training does not
   move the reward).
 
-Per-image intensity statistics (:class:`IntensityStats`) are computed once per record by the caller and
-passed with the crops: the radiomics descriptor equalises intensities through the image's own quantiles,
-the network encoders window to the image's robust range.
+Per-image intensity statistics (:class:`~mg3d.rewards.intensity.IntensityStats`: the reading scale, fixed by
+the image's unit where it has one — HU, SUV, a preset's stated normalisation — and the noise of the body) are
+computed once per record by the caller and passed with the crops; the network encoders window to that scale.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +31,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from mg3d.errors import ConfigError
+from mg3d.rewards.intensity import IntensityStats, intensity_stats
 
 __all__ = [
     "CLIPRegionEncoder",
@@ -44,7 +43,6 @@ __all__ = [
     "intensity_stats",
 ]
 
-_MAX_STAT_VOXELS = 1_000_000
 _TOKENIZER_FILES = (
     "tokenizer.json",
     "vocab.json",
@@ -52,72 +50,6 @@ _TOKENIZER_FILES = (
     "spiece.model",
     "sentencepiece.bpe.model",
 )
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Per-image intensity statistics
-
-
-@dataclass(frozen=True)
-class IntensityStats:
-    """Quantiles of one image's intensities (modality units) at ``levels``; ``lo``/``hi`` = robust window."""
-
-    quantiles: torch.Tensor  # (Q,) non-decreasing
-    levels: torch.Tensor  # (Q,) from 0 to 1
-    lo: float
-    hi: float
-    noise: float  # robust noise level (modality units)
-
-    def window(self, x: torch.Tensor) -> torch.Tensor:
-        """Linear map of the robust range ``[lo, hi]`` to ``[0, 1]`` (clipped): what network encoders see."""
-        span = max(self.hi - self.lo, 1e-6)
-        return ((x - self.lo) / span).clamp_(0.0, 1.0)
-
-    def equalise(self, x: torch.Tensor) -> torch.Tensor:
-        """The image's empirical CDF at ``x`` (piecewise linear, mid-plateau on ties), in ``[0, 1]``.
-
-        Unit-free yet monotone in the modality's units, so one descriptor serves HU, MR and radiograph
-        intensities, and its resolution sits where the image's tissue mass is.
-        """
-        q, lv = self.quantiles, self.levels
-        flat = x.reshape(-1).contiguous()
-        out = torch.zeros_like(flat)
-        for right in (False, True):
-            idx = torch.searchsorted(q, flat, right=right).clamp_(1, q.numel() - 1)
-            q0, q1 = q[idx - 1], q[idx]
-            width = q1 - q0
-            t = torch.where(width > 0, (flat - q0) / width.clamp_min(1e-12), torch.full_like(flat, 0.5))
-            out += lv[idx - 1] + t.clamp_(0.0, 1.0) * (lv[idx] - lv[idx - 1])
-        return (out / 2).reshape(x.shape)
-
-
-def intensity_stats(image: np.ndarray | torch.Tensor, n_levels: int = 257) -> IntensityStats:
-    """Quantiles of an image (subsampled to at most a million voxels, deterministically), window and noise."""
-    image = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else image
-    arr = np.asarray(image, dtype=np.float64).reshape(-1)
-    if arr.size > _MAX_STAT_VOXELS:
-        arr = arr[:: math.ceil(arr.size / _MAX_STAT_VOXELS)]
-    levels = np.linspace(0.0, 1.0, n_levels)
-    values = np.quantile(arr, np.concatenate([levels, [0.005, 0.995]]))  # one sort for all levels
-    quantiles = np.maximum.accumulate(values[:n_levels])  # guard float rounding
-    return IntensityStats(
-        torch.from_numpy(quantiles).float(),
-        torch.from_numpy(levels).float(),
-        float(values[-2]),
-        float(values[-1]),
-        _noise_level(np.asarray(image, dtype=np.float32)),
-    )
-
-
-def _noise_level(image: np.ndarray) -> float:
-    """Robust noise σ from neighbour differences: 1.4826 · median |Δ| / √2 over all axes (0 for clean images)."""
-    diffs = []
-    for axis in range(image.ndim):
-        d = np.abs(np.diff(image, axis=axis)).reshape(-1)
-        if d.size > _MAX_STAT_VOXELS:
-            d = d[:: math.ceil(d.size / _MAX_STAT_VOXELS)]
-        diffs.append(d)
-    return float(1.4826 * np.median(np.concatenate(diffs)) / math.sqrt(2))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -170,23 +102,28 @@ class RadiomicsEncoder(RegionEncoder):
     """Hand-made region descriptor with no weights: what the region's centre is made of, and whether it is a
     focal finding enclosed by the box or part of a larger structure.
 
-    The *object* is the connected region grown from the crop's core (the central ``core_fraction`` of the box) over voxels
-    closer to the core's median than to the context ring's (at least ``noise_sigmas`` × the image's noise
-    apart), after a one-voxel morphological opening that cuts the thin partial-volume bridges between
-    tissues. Feature groups, each scaled to roughly [0, 1] and weighted:
+    The *object* is the connected region grown from the crop's core (the central ``core_fraction`` of the
+    box) over voxels within a tolerance of the core's median, after a one-voxel morphological opening that
+    cuts the thin partial-volume bridges between tissues. The tolerance is half the core–ring difference when
+    the core stands out by at least ``contrast_sigmas`` × the body's noise (a finding: split it from its
+    context half-way), else at least ``noise_sigmas`` × the noise and ``min_tolerance`` × the reading scale (so
+    homogeneous tissue stays one object instead of breaking into noise). Feature groups, each scaled to
+    roughly [0, 1] and weighted:
 
-    * ``level`` — quartiles of the core's intensity in the image's robust window (modality units, e.g. HU);
+    * ``level`` — quartiles of the core's intensity on the reading scale (HU: −1000…1000, the same on every
+      image, so a dark and a bright lesion are as far apart on a head CT as on an abdomen);
     * ``enclosure`` — share of the context ring that belongs to the object (0 for a finding inside the box,
       1 for tissue that runs on past it);
     * ``offset`` — distance of the object's centroid from the crop centre, in box sizes;
     * ``fill`` — object volume over its bounding-box volume (compactness);
     * ``isotropy`` — shortest over longest side of the object's bounding box (a blob, not a tissue layer);
-    * ``contrast`` — core–ring difference in noise units, log-compressed, sign kept;
+    * ``contrast`` — |core − ring| in noise units, log-compressed (conspicuity, either density);
     * ``histogram`` — √ of a 16-bin histogram of the box interior on the image-equalised scale (off by
       default: on the phantom study it ranks tissue above lesions of another kind).
 
-    Default weights and the core size were chosen on synthetic CT phantoms (seeds 4–7, 21, 22 of
-    :func:`~mg3d.rewards.semantic.semantic_property_study`; the reported study uses seed 0). The
+    Weights, the core size and ``contrast_sigmas`` were chosen on the *tuning* sources of
+    :mod:`mg3d.studies.semantic_property` — phantoms (seeds 1, 4–7, 21, 22), the ``chest_ct_small`` and
+    ``shoulder_mr_slice`` real images — and are reported on the others (``docs/rewards.md``). The
     similarity is a Gaussian kernel of the weighted Euclidean distance, ``exp(-d² / (2 σ²))`` in (0, 1].
     """
 
@@ -206,6 +143,8 @@ class RadiomicsEncoder(RegionEncoder):
         contrast_weight: float = 0.0,
         histogram_weight: float = 0.0,
         noise_sigmas: float = 3.0,
+        min_tolerance: float = 0.01,
+        contrast_sigmas: float | None = 2.0,
         core_fraction: float = 0.3,
         opening: int = 1,
         kernel_width: float = 0.5,
@@ -232,6 +171,8 @@ class RadiomicsEncoder(RegionEncoder):
                 raise ConfigError(f"RadiomicsEncoder: a {nd}D crop size needs {nd} sizes ≥ 6, got {size}")
         self.weights = weights
         self.noise_sigmas = float(noise_sigmas)
+        self.min_tolerance = float(min_tolerance)
+        self.contrast_sigmas = None if contrast_sigmas is None else float(contrast_sigmas)
         self.core_fraction = float(core_fraction)
         self.opening = int(opening)
         self.kernel_width = float(kernel_width)
@@ -240,11 +181,15 @@ class RadiomicsEncoder(RegionEncoder):
         return self.sizes[ndim]
 
     def _object(
-        self, x: np.ndarray, core: np.ndarray, ring: np.ndarray, floor: float
+        self, x: np.ndarray, core: np.ndarray, ring: np.ndarray, floor: float, noise: float
     ) -> tuple[np.ndarray, float, float]:
         """The centre object of one crop (boolean mask), the core median and the ring median."""
         mc, mr = float(np.median(x[core])), float(np.median(x[ring]))
-        threshold = max(floor, 0.5 * abs(mc - mr))
+        contrast = abs(mc - mr)
+        if self.contrast_sigmas is not None and contrast >= self.contrast_sigmas * noise:
+            threshold = 0.5 * contrast  # a core that stands out: split core from context half-way
+        else:
+            threshold = max(floor, 0.5 * contrast)
         similar = np.abs(x - mc) < threshold
         structure = ndimage.generate_binary_structure(x.ndim, 1)
         if self.opening:
@@ -269,11 +214,11 @@ class RadiomicsEncoder(RegionEncoder):
             core = radius <= radius.min()
         box_extent = np.asarray(size, dtype=np.float64) * inner_fraction
         span = max(stats.hi - stats.lo, 1e-6)
-        floor = max(self.noise_sigmas * stats.noise, 0.01 * span)
+        floor = max(self.noise_sigmas * stats.noise, self.min_tolerance * span)
         w = self.weights
         rows = []
         for x in x_all:
-            obj, mc, mr = self._object(x, core, ring, floor)
+            obj, mc, mr = self._object(x, core, ring, floor, stats.noise)
             feats: list[np.ndarray] = []
             if w[0]:
                 quartiles = np.percentile(x[core], (25.0, 75.0))
@@ -298,8 +243,8 @@ class RadiomicsEncoder(RegionEncoder):
             if w[4]:
                 feats.append(np.array([isotropy]) * w[4])
             if w[5]:
-                c = (mc - mr) / max(stats.noise, 1e-6)
-                feats.append(np.array([np.sign(c) * np.log1p(abs(c) / 2) / 4]) * w[5])
+                c = abs(mc - mr) / max(stats.noise, 1e-6)  # unsigned: the level says which way
+                feats.append(np.array([np.log1p(c / 2) / 4]) * w[5])
             if w[6]:
                 u = stats.equalise(torch.from_numpy(x[inner])).numpy()
                 hist = np.histogram(np.clip(u, 0, 1), bins=16, range=(0.0, 1.0))[0] / max(u.size, 1)

@@ -12,12 +12,17 @@ the frozen :mod:`~mg3d.rewards.encoders` encoder, and calibrate the similarity `
 ``s`` is the similarity of the predicted crop to the reference: the best-matching ground-truth crop, or the
 phrase when the encoder has a text tower and ``reference="phrase"``. ``s_gt`` is that of the ground-truth
 crop itself (1 for region references). The calibration (``"rank"``, default) compares ``s`` with the
-similarities ``r_1 ≤ … ≤ r_n`` of ``n_reference`` crops of the ground-truth size at fixed pseudo-random places
-of the same image (seeded by the record id): the reward is the piecewise-linear interpolation through
-``(floor, 0), (r_i, (i − ½) / n), (s_gt, 1)`` — the share of random regions of this image that look less like
-the target than the prediction does, made continuous. It is strictly increasing in ``s`` (no ties, so
+similarities ``r_1 ≤ … ≤ r_n`` of ``n_reference`` crops of the ground-truth size centred on fixed pseudo-random
+voxels of the image's body (its foreground, :func:`~mg3d.rewards.intensity.foreground_mask`; seeded by the
+record id): the reward is the piecewise-linear interpolation through ``(floor, 0), (r_i, (i − ½) / n),
+(s_gt, 1)`` — the share of random regions of this body that look less like the target than the prediction
+does, made continuous. It is strictly increasing in ``s`` (no ties, so
 rankings within a GRPO group survive), comparable across records and encoders, 1 for the target itself.
 ``"linear"`` is ``(s − floor) / (s_gt − floor)``. Ground-truth embeddings and references are cached per record.
+
+Intensities are read on the scale of the target's ``unit`` (HU, SUV, a preset's stated normalisation; see
+:mod:`~mg3d.rewards.intensity`), so training targets come from :func:`mg3d.rewards.targets.target_from_sample`,
+which turns the pipeline's windowed tensor back into those units.
 """
 
 from __future__ import annotations
@@ -25,24 +30,19 @@ from __future__ import annotations
 import zlib
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mg3d.boxes import pair_iou
 from mg3d.errors import ConfigError
 from mg3d.rewards.base import ParsedBatch, Reward, RewardTarget, register_reward
-from mg3d.rewards.encoders import IntensityStats, RegionEncoder, build_encoder, intensity_stats
+from mg3d.rewards.encoders import RegionEncoder, build_encoder
+from mg3d.rewards.intensity import PHYSICAL_SCALES, IntensityStats, foreground_mask, intensity_stats
 
-__all__ = [
-    "PropertyStudy",
-    "SemanticReward",
-    "crop_regions",
-    "semantic_property_study",
-]
+__all__ = ["SemanticReward", "crop_regions"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -85,12 +85,26 @@ def crop_regions(
     return out[:, 0]
 
 
-def _reference_boxes(shape: Sequence[int], box: np.ndarray, count: int, seed: int) -> np.ndarray:
-    """``count`` boxes of ``box``'s size at pseudo-random positions inside the image (fixed per seed)."""
+def _reference_boxes(foreground: np.ndarray, box: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """``count`` boxes of ``box``'s size centred on pseudo-random foreground voxels (fixed per seed).
+
+    Centred on the body, not anywhere in the field of view: a reference set half made of air or padding
+    would rank any tissue above it and tell nothing about the body (issue 24). Boxes are shifted to lie
+    inside the image.
+    """
     rng = np.random.default_rng(seed)
+    shape = np.asarray(foreground.shape, dtype=np.float64)
     d = len(shape)
-    size = np.minimum(box[d:] - box[:d], np.asarray(shape, dtype=np.float64))
-    lo = rng.uniform(0.0, 1.0, (count, d)) * (np.asarray(shape, dtype=np.float64) - size)
+    size = np.minimum(box[d:] - box[:d], shape)
+    voxels = np.flatnonzero(foreground.reshape(-1))
+    if voxels.size == 0:
+        lo = rng.uniform(0.0, 1.0, (count, d)) * (shape - size)
+    else:
+        picks = voxels[rng.integers(0, voxels.size, count)]
+        centres = np.stack(np.unravel_index(picks, foreground.shape), axis=1) + rng.uniform(
+            0.0, 1.0, (count, d)
+        )
+        lo = np.clip(centres - size / 2, 0.0, shape - size)
     return np.concatenate([lo, lo + size], axis=1)
 
 
@@ -100,7 +114,25 @@ def _fingerprint(target: RewardTarget) -> tuple[Any, ...]:
     assert img is not None
     step = max(1, img.size // 65536)
     sample = np.ascontiguousarray(img.reshape(-1)[::step])
-    return (target.record_id, img.shape, target.boxes.tobytes(), zlib.crc32(sample.tobytes()), target.phrase)
+    unit = target.unit
+    return (
+        target.record_id,
+        img.shape,
+        target.boxes.tobytes(),
+        zlib.crc32(sample.tobytes()),
+        target.phrase,
+        unit,
+    )
+
+
+def _unit(target: RewardTarget) -> str | None:
+    """The target's declared intensity unit (``None``: unknown, the image's own range is used)."""
+    unit = target.unit
+    if unit is not None and unit not in PHYSICAL_SCALES:
+        raise ConfigError(
+            f"record {target.record_id!r}: unknown intensity unit {unit!r}; known: {sorted(PHYSICAL_SCALES)} or None"
+        )
+    return unit
 
 
 @dataclass
@@ -181,12 +213,14 @@ class SemanticReward(Reward):
         if hit is not None:
             self._cache.move_to_end(key)
             return hit
-        stats = intensity_stats(target.image)
+        unit = _unit(target)
+        foreground = foreground_mask(target.image, unit)
+        stats = intensity_stats(target.image, unit, foreground=foreground)
         gt = self._embed(target, stats, target.boxes)
         seed = zlib.crc32(target.record_id.encode("utf-8"))
         refs = np.concatenate(
             [
-                _reference_boxes(target.image.shape, box, self.n_reference, seed + k)
+                _reference_boxes(foreground, box, self.n_reference, seed + k)
                 for k, box in enumerate(target.boxes)
             ]
         )
@@ -254,140 +288,3 @@ class SemanticReward(Reward):
             boxes = np.stack([batch.pred_voxel[i] for i in idx])
             out[idx] = self.score_boxes(target, boxes)
         return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The defining property, measured on synthetic CT phantoms
-
-
-def _box_sums(indicator: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """Sum of ``indicator`` over every placement of a box of integer ``size`` (summed-volume table)."""
-    d = indicator.ndim
-    table = np.zeros(tuple(n + 1 for n in indicator.shape))
-    table[tuple(slice(1, None) for _ in range(d))] = indicator
-    for a in range(d):
-        table = np.cumsum(table, axis=a)
-    total = np.zeros(tuple(n - s + 1 for n, s in zip(indicator.shape, size)))
-    for corner in np.ndindex(*(2,) * d):
-        sl = tuple(
-            slice(s, None) if c else slice(None, n - s + 1) for c, s, n in zip(corner, size, indicator.shape)
-        )
-        sign = (-1) ** (d - sum(corner))
-        total += sign * table[sl]
-    return total
-
-
-@dataclass
-class PropertyStudy:
-    """Outcome of :func:`semantic_property_study`: per-case rewards of the three kinds of miss."""
-
-    rewards: np.ndarray  # (cases, 3): other lesion, background, organ
-    similarities: np.ndarray  # (cases, 3) raw encoder similarities
-    pairs: list[tuple[str, str]] = field(default_factory=list)  # (target site/density, other site/density)
-    skipped: int = 0
-
-    @property
-    def n(self) -> int:
-        return int(self.rewards.shape[0])
-
-    def rates(self, use: Literal["rewards", "similarities"] = "rewards") -> dict[str, float]:
-        v = self.rewards if use == "rewards" else self.similarities
-        over_bg, over_organ = v[:, 0] > v[:, 1], v[:, 0] > v[:, 2]
-        return {
-            "lesion_over_background": float(over_bg.mean()),
-            "lesion_over_organ": float(over_organ.mean()),
-            "lesion_over_both": float((over_bg & over_organ).mean()),
-        }
-
-    def table(self) -> str:
-        r, s = self.rates("rewards"), self.rates("similarities")
-        lines = [
-            f"| comparison ({self.n} cases) | reward | raw similarity |",
-            "| --- | --- | --- |",
-        ]
-        for key, label in (
-            ("lesion_over_background", "miss on another lesion > miss on background"),
-            ("lesion_over_organ", "miss on another lesion > miss on normal organ"),
-            ("lesion_over_both", "both at once"),
-        ):
-            lines.append(f"| {label} | {r[key]:.3f} | {s[key]:.3f} |")
-        means = self.rewards.mean(0)
-        lines.append(
-            f"| mean reward: lesion / background / organ | {means[0]:.3f} / {means[1]:.3f} / {means[2]:.3f} | |"
-        )
-        return "\n".join(lines)
-
-
-def semantic_property_study(
-    n_cases: int = 200,
-    seed: int = 0,
-    *,
-    reward: SemanticReward | None = None,
-    shape: tuple[int, int, int] = (96, 96, 48),
-    organ_fraction: float = 0.9,
-) -> PropertyStudy:
-    """Measure the semantic reward's defining property on synthetic CT phantoms with 2–4 lesions.
-
-    Per case: a target lesion (its box is the ground truth) and another lesion; three misses of the
-    target box's size — centred on the other lesion, on background (no organ, ≤ 10 % organ voxels) and on
-    normal organ tissue (≥ ``organ_fraction`` of one organ, the target's host organ when it fits). Background
-    and organ misses keep the whole crop (box plus context margin) free of lesion voxels, so they are clean
-    examples of their kind; a case where the other-lesion miss overlaps the target (IoU ≥ 0.5) or a kind of
-    miss cannot be placed is skipped and counted.
-    """
-    from mg3d.data.synthetic import ORGAN_LABELS, generate_ct_case
-
-    reward = reward if reward is not None else SemanticReward()
-    organs = [v for k, v in ORGAN_LABELS.items() if k not in ("outside", "soft tissue", "fat", "bone")]
-    rewards, sims, pairs = [], [], []
-    skipped = 0
-    for child in np.random.SeedSequence(seed).spawn(n_cases):
-        rng = np.random.default_rng(child)
-        phantom = generate_ct_case(rng, shape=shape, min_lesions=2, max_lesions=4)
-        t, o = rng.choice(len(phantom.regions), 2, replace=False)
-        target_region, other = phantom.regions[int(t)], phantom.regions[int(o)]
-        gt = np.asarray(target_region.box_voxel, dtype=np.float64)
-        size = (gt[3:] - gt[:3]).astype(int)
-        grow = np.ceil(size * reward.margin).astype(int)
-        lesion_free = (
-            _box_sums(np.pad(phantom.mask > 0, [(g, g) for g in grow]).astype(np.float64), size + 2 * grow)
-            == 0
-        )
-        volume = float(np.prod(size))
-        organ_share = _box_sums(np.isin(phantom.anatomy, organs).astype(np.float64), size) / volume
-        background_ok = lesion_free & (organ_share <= 0.1)
-        host = ORGAN_LABELS.get(target_region.site)
-        organ_ok = lesion_free & (
-            _box_sums((phantom.anatomy == host).astype(np.float64), size) / volume >= organ_fraction
-        )
-        if not organ_ok.any():
-            best = np.zeros_like(organ_share)
-            for label in organs:
-                best = np.maximum(
-                    best, _box_sums((phantom.anatomy == label).astype(np.float64), size) / volume
-                )
-            organ_ok = lesion_free & (best >= organ_fraction)
-        centre = np.asarray(other.center_voxel) + 0.5
-        lesion_box = np.concatenate([centre - size / 2, centre + size / 2])
-        if not background_ok.any() or not organ_ok.any() or pair_iou(lesion_box, gt)[0] >= 0.5:
-            skipped += 1
-            continue
-        places = [np.argwhere(ok) for ok in (background_ok, organ_ok)]
-        picks = [p[rng.integers(len(p))].astype(np.float64) for p in places]
-        boxes = np.stack([lesion_box] + [np.concatenate([p, p + size]) for p in picks])
-        target = RewardTarget(
-            record_id=f"phantom/{seed}/{len(rewards) + skipped}",
-            boxes=gt[None],
-            image=phantom.volume.astype(np.float32),
-            affine=phantom.affine,
-            phrase=target_region.phrase,
-        )
-        sim, cal = reward.similarities(target, boxes)
-        rewards.append(cal)
-        sims.append(sim)
-        pairs.append((f"{target_region.site}/{target_region.density}", f"{other.site}/{other.density}"))
-    if not rewards:
-        raise ConfigError(
-            f"semantic_property_study: no usable case in {n_cases} phantoms (all {skipped} skipped)"
-        )
-    return PropertyStudy(np.asarray(rewards), np.asarray(sims), pairs, skipped)

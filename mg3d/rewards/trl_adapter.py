@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from mg3d.boxes import CoordinateFrame, resize_step
 from mg3d.errors import ConfigError, DataError
+from mg3d.frames import CoordinateFrame, resize_step
 from mg3d.rewards.base import ParsedBatch, Reward, RewardSet, RewardTarget, build_reward
 
 __all__ = [

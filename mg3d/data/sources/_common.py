@@ -1,22 +1,18 @@
-"""Shared pieces of the data set adapters: the bad-data policy, skip accounting, header readers, splits.
+"""Shared pieces of the data set adapters: the bad-data policy, skip accounting, CSV rows, boxes, splits.
 
-Header readers look at sizes before any pixel is decoded (PIL's lazy open, pydicom with
-``stop_before_pixels``, nibabel's header, the ``.npy`` header), so a file that claims an enormous image
-is refused before memory is allocated for it. Every failure of a reader library is caught and re-raised
-as a :class:`SourceError` naming the file, never as a traceback from inside nibabel, PIL or pydicom.
+The header readers the adapters use (sizes read before any pixel is decoded, every reader failure re-raised
+as a :class:`~mg3d.errors.SourceError` naming the file) live in :mod:`mg3d.data.readers`, their public home;
+they are re-exported here for the adapters.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import gzip
 import hashlib
 import math
 import os
 import re
-import warnings
-import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -25,8 +21,19 @@ from typing import Any, Literal, TypeVar
 
 import numpy as np
 
+from mg3d.data.readers import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_VOXELS,
+    ImageHeader,
+    load_nifti_array,
+    load_npy,
+    read_image_header_2d,
+    read_nifti,
+    read_npy_header,
+    require_file,
+)
 from mg3d.data.records import GroundingRecord
-from mg3d.errors import BoxError, DataError
+from mg3d.errors import BoxError, DataError, SourceError
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -40,10 +47,13 @@ __all__ = [
     "SourceError",
     "check_box_in_image",
     "check_on_error",
+    "load_nifti_array",
+    "load_npy",
     "read_csv_rows",
     "read_image_header_2d",
     "read_nifti",
     "read_npy_header",
+    "require_file",
     "seeded_group_split",
     "stable_choice",
     "xywh_to_box",
@@ -52,19 +62,7 @@ __all__ = [
 OnError = Literal["raise", "skip"]
 ON_ERROR_CHOICES = ("raise", "skip")
 
-# Refuse images larger than this before decoding them: 2D radiographs are ≤ ~4k², CT volumes ≤ ~1e9 voxels.
-DEFAULT_MAX_PIXELS = 100_000_000
-DEFAULT_MAX_VOXELS = 1_500_000_000
-
 T = TypeVar("T")
-
-
-class SourceError(DataError):
-    """A bad input item. ``kind`` is a short stable code used to count skips in ``summary.json``."""
-
-    def __init__(self, message: str, kind: str = "invalid") -> None:
-        super().__init__(message)
-        self.kind = kind
 
 
 def check_on_error(on_error: str) -> OnError:
@@ -288,280 +286,6 @@ def check_box_in_image(
             f"{what}: box {box.tolist()} is empty inside the image of shape {list(shape)}", "bad_box"
         )
     return clipped
-
-
-# ---------------------------------------------------------------------------------------------- headers
-
-
-@dataclass(frozen=True)
-class ImageHeader:
-    """What a header says about a stored image, in voxel-frame axis order (2D: x = column first)."""
-
-    path: Path
-    format: str
-    spatial_shape: tuple[int, ...]
-    spacing: tuple[float, ...] | None = None
-    affine: tuple[tuple[float, ...], ...] | None = None
-    info: dict[str, Any] = field(default_factory=dict)
-
-
-def require_file(path: Path, what: str = "file") -> Path:
-    path = Path(path)
-    if not path.is_file():
-        raise SourceError(f"{path}: {what} not found", "missing_file")
-    if path.stat().st_size == 0:
-        raise SourceError(f"{path}: {what} is empty (0 bytes)", "empty_file")
-    return path
-
-
-def _is_dicom(path: Path) -> bool:
-    if path.suffix.lower() in (".dcm", ".dicom"):
-        return True
-    with path.open("rb") as handle:
-        head = handle.read(132)
-    return len(head) == 132 and head[128:132] == b"DICM"
-
-
-def _check_pixels(path: Path, shape: Sequence[int], max_pixels: int) -> None:
-    total = math.prod(shape)
-    if total > max_pixels:
-        raise SourceError(
-            f"{path}: header claims {total:,} pixels {list(shape)}, above the limit of {max_pixels:,}; "
-            "refusing to decode it (raise max_pixels if the image is genuine)",
-            "too_large",
-        )
-
-
-def _dicom_header(path: Path, max_pixels: int, verify: bool) -> ImageHeader:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as err:
-        raise SourceError(
-            f"{path}: cannot read DICOM header ({type(err).__name__}: {err})", "unreadable"
-        ) from None
-    rows, cols = ds.get("Rows"), ds.get("Columns")
-    if not rows or not cols:
-        raise SourceError(f"{path}: DICOM header has no Rows/Columns (not an image?)", "unreadable")
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames != 1:
-        raise SourceError(f"{path}: DICOM holds {frames} frames; a 2D radiograph has one", "bad_geometry")
-    shape = (int(cols), int(rows))
-    _check_pixels(path, shape, max_pixels)
-    spacing = None
-    for tag in ("PixelSpacing", "ImagerPixelSpacing"):
-        value = ds.get(tag)
-        if value is not None and len(value) == 2:
-            row_mm, col_mm = float(value[0]), float(value[1])
-            if math.isfinite(row_mm) and math.isfinite(col_mm) and row_mm > 0 and col_mm > 0:
-                spacing = (col_mm, row_mm)  # voxel frame: axis 0 = column
-                break
-    info = {"photometric": str(ds.get("PhotometricInterpretation", ""))}
-    if verify:
-        try:
-            full = pydicom.dcmread(path)
-            if "PixelData" not in full:
-                raise SourceError(f"{path}: DICOM has no pixel data", "unreadable")
-            if not full.file_meta.TransferSyntaxUID.is_compressed:
-                bits = int(full.get("BitsAllocated", 8))
-                need = shape[0] * shape[1] * int(full.get("SamplesPerPixel", 1)) * bits // 8
-                if len(full.PixelData) < need:
-                    raise SourceError(
-                        f"{path}: DICOM pixel data is truncated ({len(full.PixelData)} of {need} bytes)",
-                        "truncated",
-                    )
-        except SourceError:
-            raise
-        except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError) as err:
-            raise SourceError(
-                f"{path}: cannot read DICOM ({type(err).__name__}: {err})", "truncated"
-            ) from None
-    return ImageHeader(path, "dicom", shape, spacing, None, info)
-
-
-def read_image_header_2d(
-    path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PIXELS, verify: bool = True
-) -> ImageHeader:
-    """Size (and spacing where the file has one) of a 2D PNG/JPEG/DICOM image, shape ``(width, height)``.
-
-    ``verify`` decodes the pixels once (after the size check) so a truncated or corrupt file fails here,
-    at preparation time, rather than in the middle of a training run.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    path = require_file(Path(path), "image")
-    if _is_dicom(path):
-        return _dicom_header(path, max_pixels, verify)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                shape = (int(img.size[0]), int(img.size[1]))
-                mode, fmt = img.mode, (img.format or "").lower()
-                _check_pixels(path, shape, max_pixels)
-                if verify:
-                    img.load()
-    except SourceError:
-        raise
-    except Image.DecompressionBombError as err:
-        raise SourceError(f"{path}: refused, image too large ({err})", "too_large") from None
-    except UnidentifiedImageError:
-        raise SourceError(f"{path}: not a readable image (PIL cannot identify it)", "unreadable") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as err:
-        raise SourceError(
-            f"{path}: cannot decode image ({type(err).__name__}: {err}); truncated?", "truncated"
-        ) from None
-    return ImageHeader(path, fmt or "image", shape, None, None, {"mode": mode})
-
-
-def _nifti_data_bytes(img: Any) -> tuple[int, int]:
-    header = img.header
-    offset = int(header.get_data_offset())
-    nbytes = int(math.prod(img.shape)) * header.get_data_dtype().itemsize
-    return offset, nbytes
-
-
-def _check_nifti_complete(path: Path, img: Any) -> None:
-    """Stream the (decompressed) file to check it holds all the data its header promises.
-
-    Streams in chunks so a CT of a gigabyte is checked without holding it in memory; written by hand
-    because nibabel only notices truncation when the data is finally read (often mid-training).
-    """
-    offset, nbytes = _nifti_data_bytes(img)
-    need = offset + nbytes
-    if str(path).endswith(".gz"):
-        got = 0
-        try:
-            with gzip.open(path, "rb") as handle:
-                while chunk := handle.read(1 << 22):
-                    got += len(chunk)
-        except (EOFError, OSError, zlib.error) as err:
-            raise SourceError(
-                f"{path}: truncated or corrupt gzip stream after {got:,} bytes ({type(err).__name__}: {err})",
-                "truncated",
-            ) from None
-    else:
-        got = path.stat().st_size
-    if got < need:
-        raise SourceError(
-            f"{path}: truncated: header promises {need:,} bytes, file holds {got:,}", "truncated"
-        )
-
-
-def read_nifti(
-    path: str | os.PathLike[str],
-    *,
-    max_voxels: int = DEFAULT_MAX_VOXELS,
-    verify: bool = True,
-    what: str = "image",
-) -> tuple[ImageHeader, Any]:
-    """Header of a 3D NIfTI (shape, spacing, affine) and the lazily loaded nibabel image.
-
-    Refuses anything that is not exactly 3D, has NaN or non-positive spacing or a non-finite affine,
-    or claims more than ``max_voxels`` voxels; ``verify`` checks the file is complete.
-    """
-    import nibabel as nib
-
-    path = require_file(Path(path), what)
-    from nibabel.openers import ImageOpener
-
-    try:
-        img = nib.load(str(path))
-        shape = tuple(int(s) for s in img.shape)
-        affine = np.asarray(img.affine, dtype=np.float64)
-        # nibabel's loader silently "fixes" zero/negative pixdim (to 1 / abs); read the raw header to see them.
-        with ImageOpener(str(path)) as handle:
-            raw = type(img.header).from_fileobj(handle, check=False)
-        zooms = tuple(float(z) for z in raw["pixdim"][1 : 1 + len(shape)])
-    except Exception as err:  # nibabel raises many types (ImageFileError, HeaderDataError, EOFError, ...)
-        raise SourceError(
-            f"{path}: cannot read NIfTI header ({type(err).__name__}: {err})", "unreadable"
-        ) from None
-    if len(shape) != 3:
-        raise SourceError(
-            f"{path}: {what} has {len(shape)} dimensions {list(shape)}; expected a 3D volume", "bad_geometry"
-        )
-    if math.prod(shape) > max_voxels:
-        raise SourceError(
-            f"{path}: header claims {math.prod(shape):,} voxels {list(shape)}, above the limit of "
-            f"{max_voxels:,}; refusing to load it",
-            "too_large",
-        )
-    if math.prod(shape) == 0:
-        raise SourceError(f"{path}: {what} has an empty shape {list(shape)}", "bad_geometry")
-    spacing = zooms[:3]
-    if not all(math.isfinite(z) and z > 0 for z in spacing):
-        raise SourceError(
-            f"{path}: {what} has invalid voxel spacing {list(spacing)} (NaN or ≤ 0)", "bad_geometry"
-        )
-    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise SourceError(
-            f"{path}: {what} has a non-finite or singular affine {affine.tolist()}", "bad_geometry"
-        )
-    if verify:
-        _check_nifti_complete(path, img)
-    header = ImageHeader(
-        path,
-        "nifti",
-        shape,
-        spacing,
-        tuple(tuple(float(v) for v in row) for row in affine),
-        {"dtype": str(img.header.get_data_dtype())},
-    )
-    return header, img
-
-
-def load_nifti_array(path: Path, img: Any) -> np.ndarray:
-    """The voxel array of a NIfTI loaded by :func:`read_nifti`, read errors wrapped with the file name."""
-    try:
-        return np.asanyarray(img.dataobj)
-    except Exception as err:  # EOFError, zlib.error, OSError, ValueError from nibabel's array proxy
-        raise SourceError(
-            f"{path}: cannot read voxel data ({type(err).__name__}: {err}); truncated?", "truncated"
-        ) from None
-
-
-def read_npy_header(
-    path: str | os.PathLike[str], *, max_voxels: int = DEFAULT_MAX_VOXELS, what: str = "array"
-) -> tuple[tuple[int, ...], np.dtype]:
-    """Shape and dtype of a ``.npy`` file from its header; refuses object arrays and truncated files."""
-    path = require_file(Path(path), what)
-    try:
-        with path.open("rb") as handle:
-            version = np.lib.format.read_magic(handle)
-            if version == (1, 0):
-                shape, _fortran, dtype = np.lib.format.read_array_header_1_0(handle)
-            elif version == (2, 0):
-                shape, _fortran, dtype = np.lib.format.read_array_header_2_0(handle)
-            else:
-                raise ValueError(f"unsupported .npy format version {version}")
-            offset = handle.tell()
-    except (ValueError, OSError, EOFError) as err:
-        raise SourceError(f"{path}: not a readable .npy file ({err})", "unreadable") from None
-    if dtype.hasobject:
-        raise SourceError(f"{path}: holds Python objects; refusing to unpickle it", "unreadable")
-    total = math.prod(shape)
-    if total > max_voxels:
-        raise SourceError(
-            f"{path}: header claims {total:,} voxels {list(shape)}, above the limit of {max_voxels:,}",
-            "too_large",
-        )
-    need = offset + total * dtype.itemsize
-    size = path.stat().st_size
-    if size < need:
-        raise SourceError(
-            f"{path}: truncated: header promises {need:,} bytes, file holds {size:,}", "truncated"
-        )
-    return tuple(int(s) for s in shape), dtype
-
-
-def load_npy(path: Path) -> np.ndarray:
-    try:
-        return np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
-        raise SourceError(f"{path}: cannot read .npy data ({err})", "unreadable") from None
 
 
 # ---------------------------------------------------------------------------------------------- splits

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import numpy as np
 
 from mg3d.boxes import mask_to_box
-from mg3d.data.records import GroundingRecord
+from mg3d.data.records import GroundingRecord, known_modalities
 from mg3d.data.sources._common import (
     DEFAULT_MAX_VOXELS,
     ImageHeader,
@@ -84,6 +84,8 @@ class M3DRefSegSource(Source):
         verify_images: stream each CT once to catch truncated files now rather than mid-training.
         max_voxels: refuse volumes whose header claims more voxels than this.
         on_error: ``"raise"`` or ``"skip"``; a broken case skips each of its rows, each counted.
+        modality: the records' modality key. M3D-RefSeg is CT; another data set written in its layout (MR, PET)
+            names its own — the layout cannot tell, and a wrong key sends the volumes through the wrong preset.
     """
 
     dataset = "m3d_refseg"
@@ -103,8 +105,14 @@ class M3DRefSegSource(Source):
         max_voxels: int = DEFAULT_MAX_VOXELS,
         on_error: str = "raise",
         dataset: str | None = None,
+        modality: str = "CT",
     ) -> None:
         super().__init__(on_error, dataset)
+        if modality not in known_modalities():
+            raise DataError(
+                f"modality {modality!r} is not a known modality key; known: {sorted(known_modalities())}"
+            )
+        self.modality = modality
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"{self.root}: M3D-RefSeg root folder not found")
@@ -322,7 +330,7 @@ class M3DRefSegSource(Source):
             id=base_id if n == 1 else f"{base_id}-{n}",
             dataset=self.dataset,
             split=split,
-            modality="CT",
+            modality=self.modality,
             ndim=3,
             image=str(item.image.resolve()),
             text=question,
