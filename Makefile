@@ -1,6 +1,8 @@
 # mg3d — two commands: `make demo` (the main job on synthetic data) and `make test`.
 # Both create .venv if missing and install the project from the exact lock (requirements/lock.txt).
 # The install is stamped: a second run installs nothing and goes straight to the work.
+# qwen-agent is installed apart, with --no-deps at its locked pin: the tests use only its qwen.tiktoken data file
+# (mg3d.testing.qwen_folder), not the agent framework its dependencies would bring.
 
 PYTHON ?= python3
 # UTF-8 text I/O whatever the machine's locale (CI may run with LANG unset, i.e. ASCII).
@@ -16,7 +18,10 @@ $(STAMP): pyproject.toml requirements/lock.txt
 	@echo "Installing mg3d and its locked dependencies into $(VENV) (first run only, ~2-3 min)..."
 	@$(PY) -m pip install --quiet --disable-pip-version-check -c requirements/lock.txt -e '.[dev]' 2>&1 \
 		| grep -v "is ignored: it is neither a file nor a directory" || true
-	@$(PY) -c "import mg3d, torch, monai, transformers, trl, torchio, lightning" \
+	@$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -c requirements/lock.txt qwen-agent 2>&1 \
+		| grep -v "is ignored: it is neither a file nor a directory" || true
+	@$(PY) -c "import mg3d, torch, monai, transformers, trl, torchio, lightning, tiktoken; \
+		from mg3d.testing import qwen_ranks_path; qwen_ranks_path()" \
 		|| { echo "mg3d install failed: see the pip output above"; exit 1; }
 	@touch $(STAMP)
 

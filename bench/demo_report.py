@@ -3,7 +3,7 @@
 Run by hand after one demo run per seed (each writes ``grpo_summary.json`` into its log folder)::
 
     .venv/bin/python bench/demo_report.py runs/demo_s0/lightning_logs/version_0 runs/demo_s1/lightning_logs/version_0 ... \
-        --data data/demo/ct3d
+        --data data/demo/ct3d_body
 
 Why a baseline: the demo's single-lesion phantoms put lesions in a few organs, so lesion positions cluster and a
 fixed box already scores a non-zero IoU. "GRPO improves the policy" means little unless the numbers are read
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs", nargs="+", type=Path, help="log folders (or grpo_summary.json files) of demo runs"
     )
     parser.add_argument(
-        "--data", type=Path, default=Path("data/demo/ct3d"), help="the demo's prepared manifests"
+        "--data", type=Path, default=Path("data/demo/ct3d_body"), help="the demo's prepared manifests"
     )
     parser.add_argument(
         "--max-samples",

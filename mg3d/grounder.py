@@ -45,16 +45,16 @@ from mg3d.inference_settings import (
     INFERENCE_CONFIG_FORMAT,
     INFERENCE_CONFIG_NAME,
     INFERENCE_CONFIG_VERSION,
-    _check_overrides,
-    _pipeline_from,
-    _pipeline_to_dict,
-    _prompt_from,
-    _read_inference_config,
-    _saved_setting,
     check_input_kind,
+    check_overrides,
     copy_user_modules,
     modalities_from,
+    pipeline_from,
+    pipeline_to_dict,
     pipelines_from_hparams,
+    prompt_from,
+    read_inference_config,
+    saved_setting,
 )
 from mg3d.lora import merge_lora
 from mg3d.model import Policy, PolicyConfig, load_policy, save_policy
@@ -125,11 +125,11 @@ class Grounder:
         #: what writes the completions: transformers ``generate`` (``None``), or any
         #: :class:`~mg3d.generation.RolloutBackend` (e.g. a vLLM server on a cluster)
         self.backend = backend
-        self.prompt_config = _prompt_from(prompt or {}, "prompt")
+        self.prompt_config = prompt_from(prompt or {}, "prompt")
         self.prompter = GroundingPrompter(policy, self.prompt_config)
         # ``None`` marks an ambiguous key (several different training pipelines claimed it): refused when used.
         self.pipelines: dict[str, PipelineConfig | None] = {
-            str(k): None if v is None else _pipeline_from(v, f"pipelines[{k!r}]")
+            str(k): None if v is None else pipeline_from(v, f"pipelines[{k!r}]")
             for k, v in (pipelines or {}).items()
         }
         if max_new_tokens is None:  # what fits the template: room to reason for <think> templates
@@ -173,7 +173,7 @@ class Grounder:
         DataModule saved them. Overrides: ``prompt``, ``pipelines``, ``max_new_tokens``, ``default_modality``,
         ``device``, ``policy``.
         """
-        _check_overrides(overrides, _OVERRIDES_CKPT, "Grounder.from_checkpoint")
+        check_overrides(overrides, _OVERRIDES_CKPT, "Grounder.from_checkpoint")
         path = Path(ckpt_path).expanduser()
         checkpoint = load_checkpoint_safely(path)
         data_state = checkpoint.get("GroundingDataModule")
@@ -184,11 +184,11 @@ class Grounder:
         if not isinstance(hparams, Mapping):
             raise ConfigError(f"{path}: 'hyper_parameters' is a {type(hparams).__name__}, expected a dict")
         policy_config = _policy_config(hparams.get("policy"), overrides.get("policy"), path)
-        prompt = _prompt_from(hparams.get("prompt") or {}, f"{path}: hyper-parameter 'prompt'")
+        prompt = prompt_from(hparams.get("prompt") or {}, f"{path}: hyper-parameter 'prompt'")
         if overrides.get("prompt") is not None:
-            prompt = _prompt_from(overrides["prompt"], "override 'prompt'", base=prompt)
-        max_new = _saved_setting(hparams, "evaluation", "max_new_tokens")
-        stops = _saved_setting(hparams, "rollout", "stop_strings")
+            prompt = prompt_from(overrides["prompt"], "override 'prompt'", base=prompt)
+        max_new = saved_setting(hparams, "evaluation", "max_new_tokens")
+        stops = saved_setting(hparams, "rollout", "stop_strings")
         state = checkpoint.get("state_dict")
         if not isinstance(state, Mapping):
             raise ConfigError(f"{path}: no 'state_dict'; is this a Lightning checkpoint of GRPOModule?")
@@ -246,9 +246,9 @@ class Grounder:
         Overrides: ``prompt``, ``pipelines``, ``max_new_tokens``, ``default_modality``, ``device``, ``dtype``,
         ``attn_implementation``.
         """
-        _check_overrides(overrides, _OVERRIDES_PRETRAINED, "Grounder.from_pretrained")
+        check_overrides(overrides, _OVERRIDES_PRETRAINED, "Grounder.from_pretrained")
         folder = Path(model_dir).expanduser()
-        settings = _read_inference_config(folder) if folder.is_dir() else {}
+        settings = read_inference_config(folder) if folder.is_dir() else {}
         where = str(folder / INFERENCE_CONFIG_NAME)
         user_modules = user_modules_from(settings.get("user_modules"), where, base=folder)
         try:
@@ -266,11 +266,11 @@ class Grounder:
                 f"({unpickler_reason(err)}); mg3d never unpickles model files. Export the model as safetensors "
                 "(Grounder.save_pretrained)."
             ) from None
-        prompt = _prompt_from(settings.get("prompt") or {}, f"{where}: 'prompt'")
+        prompt = prompt_from(settings.get("prompt") or {}, f"{where}: 'prompt'")
         if overrides.get("prompt") is not None:
-            prompt = _prompt_from(overrides["prompt"], "override 'prompt'", base=prompt)
+            prompt = prompt_from(overrides["prompt"], "override 'prompt'", base=prompt)
         pipelines: dict[str, Any] = {
-            k: None if v is None else _pipeline_from(v, f"{where}: pipelines[{k!r}]")
+            k: None if v is None else pipeline_from(v, f"{where}: pipelines[{k!r}]")
             for k, v in (settings.get("pipelines") or {}).items()
         }
         if overrides.get("pipelines") is not None:
@@ -309,7 +309,7 @@ class Grounder:
                 "num_generations": 1,
             },
             "pipelines": {
-                k: None if v is None else _pipeline_to_dict(v) for k, v in sorted(self.pipelines.items())
+                k: None if v is None else pipeline_to_dict(v) for k, v in sorted(self.pipelines.items())
             },
             "default_modality": {str(k): v for k, v in sorted(self.default_modality.items())},
             "modalities": None

@@ -20,13 +20,29 @@ from mg3d.data.user_modules import UserModule
 from mg3d.errors import ConfigError, DataError
 from mg3d.grounding import PromptConfig
 
+__all__ = [
+    "INFERENCE_CONFIG_FORMAT",
+    "INFERENCE_CONFIG_NAME",
+    "INFERENCE_CONFIG_VERSION",
+    "check_input_kind",
+    "check_overrides",
+    "copy_user_modules",
+    "modalities_from",
+    "pipeline_from",
+    "pipeline_to_dict",
+    "pipelines_from_hparams",
+    "prompt_from",
+    "read_inference_config",
+    "saved_setting",
+]
+
 #: Written next to the weights by :meth:`Grounder.save_pretrained`: prompt, generation and pipeline settings.
 INFERENCE_CONFIG_NAME = "mg3d_inference.json"
 INFERENCE_CONFIG_FORMAT = "mg3d-inference"
 INFERENCE_CONFIG_VERSION = 1
 
 
-def _pipeline_to_dict(config: PipelineConfig) -> dict[str, Any]:
+def pipeline_to_dict(config: PipelineConfig) -> dict[str, Any]:
     """Every field but ``augment`` (inference runs the deterministic pipeline only), JSON types."""
     out: dict[str, Any] = {}
     for f in dataclasses.fields(PipelineConfig):
@@ -38,7 +54,9 @@ def _pipeline_to_dict(config: PipelineConfig) -> dict[str, Any]:
     return out
 
 
-def _pipeline_from(value: Any, where: str) -> PipelineConfig:
+def pipeline_from(value: Any, where: str) -> PipelineConfig:
+    """A :class:`PipelineConfig` from a saved object (or a copy of one), refusing unknown fields by name, so a
+    settings file written by a newer or mistyped config fails loudly instead of running another pipeline."""
     if isinstance(value, PipelineConfig):
         return dataclasses.replace(value)
     if not isinstance(value, Mapping):
@@ -55,7 +73,9 @@ def _pipeline_from(value: Any, where: str) -> PipelineConfig:
         raise ConfigError(f"{where}: invalid pipeline settings: {err}") from None
 
 
-def _prompt_from(value: Any, where: str, base: PromptConfig | None = None) -> PromptConfig:
+def prompt_from(value: Any, where: str, base: PromptConfig | None = None) -> PromptConfig:
+    """A :class:`PromptConfig` from a saved object (or a copy of one), its fields laid over ``base`` (so an
+    override changes only what it names); unknown fields are refused by name."""
     if isinstance(value, PromptConfig):
         return dataclasses.replace(value)
     if not isinstance(value, Mapping):
@@ -77,7 +97,7 @@ def _pipeline_ndims(config: PipelineConfig) -> tuple[int, ...]:
     return (2, 3)
 
 
-def _saved_setting(hparams: Mapping[str, Any], group: str, name: str) -> Any:
+def saved_setting(hparams: Mapping[str, Any], group: str, name: str) -> Any:
     """One field of a config group saved in a checkpoint: a plain dict, or a dataclass (older checkpoints)."""
     value = hparams.get(group)
     return value.get(name) if isinstance(value, Mapping) else getattr(value, name, None)
@@ -115,7 +135,7 @@ def pipelines_from_hparams(hparams: Any) -> dict[str, PipelineConfig | None]:
             here = context_name(obj) or name
             for key, value in obj.items():
                 if key in ("pipeline", "eval_pipeline") and isinstance(value, Mapping):
-                    found.append((_pipeline_from(value, f"datamodule hyper-parameter {key!r}"), here))
+                    found.append((pipeline_from(value, f"datamodule hyper-parameter {key!r}"), here))
                 else:
                     walk(value, here, depth + 1)
         elif isinstance(obj, (list, tuple)):
@@ -131,7 +151,7 @@ def pipelines_from_hparams(hparams: Any) -> dict[str, PipelineConfig | None]:
         for ndim in _pipeline_ndims(config):
             key = f"{ndim}d"
             known = out.get(key)
-            if known is not None and _pipeline_to_dict(known) != _pipeline_to_dict(config):
+            if known is not None and pipeline_to_dict(known) != pipeline_to_dict(config):
                 clashes.add(key)
             out.setdefault(key, config)
     for key in clashes:
@@ -139,13 +159,16 @@ def pipelines_from_hparams(hparams: Any) -> dict[str, PipelineConfig | None]:
     return out
 
 
-def _check_overrides(overrides: Mapping[str, Any], allowed: Sequence[str], who: str) -> None:
+def check_overrides(overrides: Mapping[str, Any], allowed: Sequence[str], who: str) -> None:
+    """Refuse override keyword arguments ``who`` does not take, naming them and the allowed ones."""
     unknown = sorted(set(overrides) - set(allowed))
     if unknown:
         raise ConfigError(f"{who}: unknown override(s) {unknown}; allowed: {list(allowed)}")
 
 
-def _read_inference_config(folder: Path) -> dict[str, Any]:
+def read_inference_config(folder: Path) -> dict[str, Any]:
+    """The checked top level of ``folder``'s :data:`INFERENCE_CONFIG_NAME` (format, version, known keys), or
+    ``{}`` with a warning when the folder has none (defaults then stand in for the training settings)."""
     path = folder / INFERENCE_CONFIG_NAME
     if not path.is_file():
         warnings.warn(

@@ -2,7 +2,7 @@
 """Evaluate a grounding model on a manifest, or re-score a predictions file without a model.
 
     # greedy generation over a manifest, then metrics (predictions.jsonl, metrics.json, metrics.md in --out)
-    python scripts/evaluate.py --ckpt runs/demo/checkpoints/last.ckpt --manifest data/demo/ct3d/test.jsonl --out eval/
+    python scripts/evaluate.py --ckpt runs/demo/checkpoints/last.ckpt --manifest data/demo/ct3d_body/test.jsonl --out eval/
     python scripts/evaluate.py --model exported/policy --manifest data/test.jsonl --out eval/ --gallery 3
 
     # re-score an existing file (ours, any JSONL with completion + gt_boxes, or a MedGround-R1 eval log)

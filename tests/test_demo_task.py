@@ -4,11 +4,14 @@ and the controls that tell a policy that looks from one that answers from the pr
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+import yaml
+from scipy import ndimage
 
 from mg3d.data.synthetic import ORGAN_LABELS, generate_ct_case
 from mg3d.errors import ConfigError
@@ -22,6 +25,8 @@ from mg3d.evaluation.baselines import (
 from mg3d.evaluation.controls import distinct_boxes, swap_images
 from mg3d.grpo.config import EvalConfig
 from mg3d.grpo.heldout import HeldOutEvaluation, format_summary
+
+ROOT = Path(__file__).resolve().parents[1]
 
 ANYWHERE = {
     "shape": (64, 64, 16),
@@ -104,6 +109,46 @@ def test_hyperdense_lesions_are_brighter_than_their_host() -> None:
         a = generate_ct_case(np.random.default_rng(seed), **kw)
         b = generate_ct_case(np.random.default_rng(seed), **kw, lesion_density="hyperdense")
         assert np.array_equal(a.mask, b.mask) and b.regions[0].density == "hyperdense"
+
+
+def _demo_phantom_options() -> dict:
+    """The phantom options ``configs/demo.yaml`` ships (read from the file, so the test follows the config)."""
+    config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text(encoding="utf-8"))
+    (source,) = config["data"]["sources"]
+    options = dict(source["synthetic"]["options"])
+    options.pop("question_style")  # how the layout writes the phrase, not a phantom option
+    return options
+
+
+def test_soft_tissue_anatomy_is_a_fat_ring_around_soft_tissue_with_the_lesion_brightest() -> None:
+    opts = _demo_phantom_options()
+    assert opts["anatomy"] == "soft_tissue"
+    for seed in range(12):
+        ph = generate_ct_case(np.random.default_rng(seed), **opts)
+        assert set(np.unique(ph.anatomy).tolist()) == {
+            0,
+            1,
+            2,
+        }  # outside, soft tissue, fat: no lungs, no spine
+        reg = ph.regions[0]
+        assert reg.site in ("soft tissue", "fat") and reg.density == "hyperdense"
+        body = (ph.anatomy > 0) & ~ndimage.binary_dilation(ph.mask > 0, iterations=2)  # minus the blurred rim
+        # the lesion (host + 600-1000 HU, blurred) outshines every body voxel away from it, noise included
+        assert reg.mean_hu > float(np.percentile(ph.volume[body], 99.9)) + 300.0, seed
+    with pytest.raises(ConfigError, match="lesion_placement='anywhere'"):
+        generate_ct_case(np.random.default_rng(0), anatomy="soft_tissue")
+    with pytest.raises(ConfigError, match="anatomy must be one of"):
+        generate_ct_case(np.random.default_rng(0), anatomy="thorax")
+
+
+def test_demo_phantoms_leave_no_constant_box_a_good_score() -> None:
+    """Issue 18's bar for the demo task: the best constant box fitted on some phantoms scores ≤ 0.07 mIoU on others."""
+    opts = _demo_phantom_options()
+    boxes = np.array(
+        [generate_ct_case(np.random.default_rng(seed), **opts).regions[0].box_voxel for seed in range(200)],
+        dtype=float,
+    )
+    assert mean_iou(best_constant_box(boxes[:150]), boxes[150:]) <= 0.07
 
 
 def test_lesion_placement_and_density_are_checked() -> None:

@@ -159,7 +159,11 @@ def phantoms(phantom_source) -> Path:
 
 
 def _command(phantoms: Path, ckpt_dir: Path, resume: bool, keep_all: bool = False) -> list[str]:
-    source = {"path": str(phantoms), "synthetic": None, "pipeline": {"spatial_size": [28, 28, 8]}}
+    # No augmentation: jsonargparse merges this source into the config's (whose lateral flip would stay on), and
+    # the augmentation stream restarts from its seed on resume (docs/reliability.md: exact resume covers the
+    # sampler, model, optimiser and rollout streams, not random augmentations).
+    pipeline = {"spatial_size": [28, 28, 8], "augment": {"lateral_flip_prob": 0.0}}
+    source = {"path": str(phantoms), "synthetic": None, "pipeline": pipeline}
     checkpoint = {
         "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
         "init_args": {"dirpath": str(ckpt_dir), "save_last": True, "every_n_train_steps": 1,

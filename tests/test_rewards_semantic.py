@@ -16,7 +16,10 @@ from mg3d.rewards.encoders import (
     PolicyVisionEncoder,
     RadiomicsEncoder,
     RegionEncoder,
+    _orthants,
+    _radius,
     build_encoder,
+    focal_contrast,
 )
 from mg3d.rewards.intensity import IntensityStats, foreground_mask, intensity_stats, noise_level, padding_mask
 
@@ -147,13 +150,65 @@ def test_radiomics_embedding_by_hand() -> None:
     crops = crop_regions(img, np.array([[12, 12, 36, 36]]), enc.crop_size(2), 0.5)
     emb = enc.embed_regions(crops, intensity_stats(img), 0.5)
     # level: both core quartiles at 100 of window 0..100 → 1, 1; enclosure 0; offset 0; isotropy 1 · 0.5; fill · 0.5
-    # where the opening with the 4-neighbour cross removes the square's 4 corner pixels: fill = 572 / 576
-    torch.testing.assert_close(emb[0], torch.tensor([1.0, 1.0, 0.0, 0.0, 0.5 * 572 / 576, 0.5]))
+    # where the opening with the 4-neighbour cross removes the square's 4 corner pixels: fill = 572 / 576;
+    # focal: at scale 0.7 × the box the core is all 100 and the ring all 0 (spread 0 → the floor 1e-6 × span
+    # 100), z = 1e6, z² / (z² + 0.5²) = 1 to float precision, × weight 0.5
+    torch.testing.assert_close(emb[0], torch.tensor([1.0, 1.0, 0.0, 0.0, 0.5 * 572 / 576, 0.5, 0.5]))
     assert float(enc.similarity(emb, emb)) == 1.0
+    no_focal = RadiomicsEncoder(focal_weight=0.0).embed_regions(crops, intensity_stats(img), 0.5)
+    torch.testing.assert_close(no_focal, emb[:, :6])
     with pytest.raises(ConfigError):
         RadiomicsEncoder(
-            level_weight=0, enclosure_weight=0, offset_weight=0, fill_weight=0, isotropy_weight=0
+            level_weight=0,
+            enclosure_weight=0,
+            offset_weight=0,
+            fill_weight=0,
+            isotropy_weight=0,
+            focal_weight=0,
         )
+
+
+def _focal_crop(core: float, quadrant_medians: tuple[float, float, float, float]) -> np.ndarray:
+    """A 12 × 12 crop: centre 2 × 2 at ``core``; the ring of scale 0.25 (Chebyshev radius 5/12 or 7/12, 12 voxels
+    per quadrant) at each quadrant's median ± 1 in a checkerboard (6 and 6: median m, MAD 1)."""
+    x = np.zeros((12, 12), np.float32)
+    checker = np.where(np.add.outer(np.arange(12), np.arange(12)) % 2 == 0, 1.0, -1.0)
+    for q, m in enumerate(quadrant_medians):
+        rows = slice(6, 12) if q & 1 else slice(0, 6)  # orthant bit 0: axis 0 > centre
+        cols = slice(6, 12) if q & 2 else slice(0, 6)  # bit 1: axis 1 > centre
+        x[rows, cols] = m + checker[rows, cols]
+    x[5:7, 5:7] = core
+    return x
+
+
+def test_focal_contrast_by_hand() -> None:
+    """Issue 24: a centre standing out on every side by several spreads, either density; an edge does not."""
+    radius = _radius((12, 12)).numpy()
+    orthants = _orthants((12, 12))
+    assert sorted(np.unique(orthants[radius >= 0.375]).tolist()) == [0, 1, 2, 3]
+
+    def z(x: np.ndarray) -> float:
+        return focal_contrast(x, radius, orthants, (0.25,), 1e-6)
+
+    sigma = 1.4826  # MAD 1 in every quadrant
+    # bright centre 20 over quadrant medians 10, 12, 10, 11: (20 − max 12) / σ
+    assert z(_focal_crop(20.0, (10, 12, 10, 11))) == pytest.approx(8 / sigma, rel=1e-5)
+    # dark centre 0: (min 10 − 0) / σ
+    assert z(_focal_crop(0.0, (10, 12, 10, 11))) == pytest.approx(10 / sigma, rel=1e-5)
+    # either density at the same distance scores the same
+    assert z(_focal_crop(18.0, (10, 10, 10, 10))) == pytest.approx(z(_focal_crop(2.0, (10, 10, 10, 10))))
+    # a centre between its sides (an edge between two tissues) is not focal
+    assert z(_focal_crop(11.0, (10, 12, 10, 12))) == 0.0
+    # several scales: the largest z wins. At scale 0.1 the ring is Chebyshev radius 3/12, 3 voxels per quadrant
+    # whose checkerboard gives medians 10 − 1, 12 + 1, 10 + 1, 11 − 1 and MAD 0, so the floor (here 1) is σ:
+    # z = (20 − 13) / 1 = 7 > 8 / 1.4826
+    crop = _focal_crop(20.0, (10, 12, 10, 11))
+    assert focal_contrast(crop, radius, orthants, (0.25, 0.1), 1.0) == pytest.approx(7.0)
+    assert focal_contrast(crop, radius, orthants, (0.25,), 1.0) == pytest.approx(8 / sigma, rel=1e-5)
+    with pytest.raises(ConfigError):
+        RadiomicsEncoder(focal_scales=(0.0,))
+    with pytest.raises(ConfigError):
+        RadiomicsEncoder(focal_z0=0.0)
 
 
 # ------------------------------------------------------------------------------------------------ the reward

@@ -17,6 +17,7 @@ from typing import Any
 
 from mg3d.atomic import atomic_write_text
 from mg3d.bundle.verify import load_bundle
+from mg3d.data.jsonl import iter_jsonl_objects
 from mg3d.errors import ConfigError, DataError, Mg3dError
 from mg3d.grounder import InferenceInput, Prediction
 
@@ -65,17 +66,8 @@ def read_inputs(
         raise DataError(f"{path}: pairs file not found")
     out: list[InferenceInput] = []
     if path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
-        with path.open(encoding="utf-8") as handle:
-            for lineno, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-                if not isinstance(row, Mapping):
-                    raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-                out.append(_row_input(row, f"{path}:{lineno}", base))
+        for lineno, row in iter_jsonl_objects(path):
+            out.append(_row_input(row, f"{path}:{lineno}", base))
     elif path.suffix.lower() in (".csv", ".tsv"):
         with path.open(encoding="utf-8", newline="") as handle:
             reader = csv.DictReader(handle, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")

@@ -25,6 +25,7 @@ import numpy as np
 
 from mg3d.atomic import atomic_write
 from mg3d.boxes import validate_box
+from mg3d.data.jsonl import iter_jsonl_objects
 from mg3d.errors import BoxError, DataError
 
 __all__ = [
@@ -350,32 +351,16 @@ def iter_manifest(path: str | os.PathLike[str], *, resolve_paths: bool = True) -
         raise DataError(f"{path}: manifest not found")
     base = path.resolve().parent
     seen: dict[str, int] = {}
-    with path.open("rb") as handle:
-        for lineno, raw in enumerate(handle, start=1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise DataError(
-                    f"{where}: not UTF-8 text ({err.reason} at byte {err.start} of the line); save the manifest as "
-                    "UTF-8"
-                ) from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-            record = record_from_dict(obj, where=where)
-            if record.id in seen:
-                raise DataError(
-                    f"{where}: record {record.id!r}: field 'id': duplicate of line {seen[record.id]}"
-                )
-            seen[record.id] = lineno
-            if resolve_paths:
-                mask_path = None if record.mask is None else _resolve(record.mask.path, base)
-                record = record.with_paths(_resolve(record.image, base), mask_path)
-            yield record
+    for lineno, obj in iter_jsonl_objects(path):
+        where = f"{path}:{lineno}"
+        record = record_from_dict(obj, where=where)
+        if record.id in seen:
+            raise DataError(f"{where}: record {record.id!r}: field 'id': duplicate of line {seen[record.id]}")
+        seen[record.id] = lineno
+        if resolve_paths:
+            mask_path = None if record.mask is None else _resolve(record.mask.path, base)
+            record = record.with_paths(_resolve(record.image, base), mask_path)
+        yield record
 
 
 def read_manifest(path: str | os.PathLike[str], *, resolve_paths: bool = True) -> list[GroundingRecord]:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from mg3d.atomic import atomic_write_text
+from mg3d.data.jsonl import iter_jsonl_objects
 from mg3d.errors import DataError
 from mg3d.evaluation.metrics import _tag
 from mg3d.evaluation.protocols import GROUP_KEYS
@@ -23,6 +24,8 @@ def _iter_rows(path: Path) -> Iterator[tuple[str, Any]]:
         text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise DataError(f"cannot read predictions file {path}: {err}") from None
+    except UnicodeDecodeError:
+        text = ""  # not a log; the line reader below names the line that is not UTF-8
     stripped = text.lstrip()
     if stripped.startswith("{"):
         try:
@@ -33,15 +36,7 @@ def _iter_rows(path: Path) -> Iterator[tuple[str, Any]]:
             for i, entry in enumerate(whole["results"]):
                 yield f"{path}: results[{i}]", entry
             return
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+    for lineno, obj in iter_jsonl_objects(path):
         yield f"{path}:{lineno}", obj
 
 

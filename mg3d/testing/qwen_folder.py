@@ -7,7 +7,7 @@ repetition penalty, a chat template kept in ``chat_template.json``). This module
 facts only:
 
 * the tokenizer: the 151,643 byte-level BPE ranks of Qwen (``qwen.tiktoken``, shipped in the ``qwen-agent``
-  wheel, a dev dependency) turned into a fast tokenizer by transformers' tiktoken converter, with Qwen2's
+  wheel, which the Makefile installs with ``--no-deps``) turned into a fast tokenizer by transformers' tiktoken converter, with Qwen2's
   pre-tokenizer rule (one token per digit) and the 14 special tokens at their public ids;
 * the model: the Qwen2.5-VL-3B vision geometry (patch 14, merge 2, temporal patch 2, window 112,
   ``tokens_per_second = 2``) and text rotary layout (head dim 128, mrope sections 16/24/24), but few and
@@ -72,7 +72,7 @@ def qwen_ranks_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(
             "the Qwen BPE ranks come from the 'qwen-agent' package (qwen_agent/utils/qwen.tiktoken); "
-            "install the dev extra: pip install -c requirements/lock.txt -e '.[dev]'"
+            "install it without its dependencies: pip install --no-deps -c requirements/lock.txt qwen-agent"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / "utils" / "qwen.tiktoken"
     if not path.is_file():

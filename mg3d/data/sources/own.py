@@ -19,7 +19,6 @@ The modality is never guessed: the importer is given it (``--modality``), and it
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from mg3d.boxes import mask_to_box, world_to_voxel
+from mg3d.data.jsonl import iter_jsonl_objects
 from mg3d.data.records import GroundingRecord, known_modalities
 from mg3d.data.sources._common import (
     Source,
@@ -159,19 +159,7 @@ class OwnDataSource(Source):
             )
         if path.suffix.lower() in (".jsonl", ".ndjson"):
             rows: list[tuple[int, dict[str, str]]] = []
-            try:
-                lines = path.read_text(encoding="utf-8").splitlines()
-            except UnicodeDecodeError as err:
-                raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-            for lineno, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-                if not isinstance(obj, dict):
-                    raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            for lineno, obj in iter_jsonl_objects(path):
                 flat = {k: " ".join(map(str, v)) if isinstance(v, list) else str(v) for k, v in obj.items()
                         if v is not None}  # fmt: skip
                 rows.append((lineno, flat))

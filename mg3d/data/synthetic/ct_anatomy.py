@@ -148,7 +148,13 @@ def _ellipsoid(u: list[np.ndarray], centre: Sequence[float], radii: Sequence[flo
     return sum(((u[a] - centre[a]) / radii[a]) ** 2 for a in range(3)) <= 1.0  # type: ignore[return-value]
 
 
-def _draw_anatomy(rng: np.random.Generator, grid: _Grid) -> _Anatomy:
+#: ``CTOptions.anatomy`` values: every organ, or only the body outline (subcutaneous fat around soft tissue)
+ANATOMIES = ("full", "soft_tissue")
+
+
+def _draw_anatomy(rng: np.random.Generator, grid: _Grid, anatomy: str = "full") -> _Anatomy:
+    """The body: ``"full"`` draws lungs, heart, abdominal organs and spine; ``"soft_tissue"`` stops after the
+    body outline (fat ring around soft tissue), so a lesion is the one structure inside it."""
     u = grid.norm()
     full = grid.shape
     body_r = np.array(_BODY_RADII) * rng.uniform(0.93, 1.03, 2)
@@ -160,6 +166,10 @@ def _draw_anatomy(rng: np.random.Generator, grid: _Grid) -> _Anatomy:
     labels[body] = ORGAN_LABELS["fat"]
     labels[inner] = ORGAN_LABELS["soft tissue"]
     organs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if anatomy == "soft_tissue":
+        lut = np.array([_ORGAN_HU.get(k, _BONE_HU) for k in range(11)], np.float32)
+        lut[:10] += rng.uniform(-5, 5, 10).astype(np.float32) * (np.arange(10) > 0)
+        return _Anatomy(labels, lut[labels], organs)
     for name, (
         centre,
         radii,
