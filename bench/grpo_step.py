@@ -1,7 +1,7 @@
 """Benchmark one GRPO optimiser step: mg3d ``GRPOModule`` vs TRL ``GRPOTrainer`` (2D), shared vs repeated
 prompt (3D), and the fraction of the CPU's matmul peak the step reaches.
 
-Run by hand, alone on the machine (the default run takes 10 - 20 min on one thread, depending on load)::
+Run by hand, alone on the machine (the default run takes 20 - 30 min on one thread, depending on load)::
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/grpo_step.py --plot docs/figures/grpo_step.png
 
@@ -11,13 +11,21 @@ tiny Qwen2.5-VL of ``mg3d.model`` (same seed, so the same weights) and the same 
 
 * **2D** (``--parts 2d``): mg3d's ``GRPOModule`` inside a Lightning ``Trainer`` against TRL 1.16's
   ``GRPOTrainer`` on the same image prompts (checked token for token), same reward, loss, lr, G and
-  generation batch, both in float32 without activation checkpointing (the target: mg3d ≤ 0.5× TRL). Unless
-  ``--no-bf16``, also TRL with its own defaults (bf16 autocast, activation checkpointing: what a TRL user
-  gets) and mg3d with Lightning's ``precision="bf16-mixed"``.
+  generation batch, both in float32 without activation checkpointing (issue 23's target: mg3d ≤ 0.33× TRL).
+  Unless ``--no-lean``, also mg3d with the opt-in speed-ups of issue 23, compiled decoding
+  (``RolloutConfig.compile``) and fused AdamW (``OptimConfig.fused``); unless ``--no-bf16``, also TRL with
+  its own defaults (bf16 autocast, activation checkpointing: what a TRL user gets) and mg3d with Lightning's
+  ``precision="bf16-mixed"``.
 * **3D** (``--parts 3d``): volumes shown as video (N merged vision tokens each); mg3d as built
   (``RolloutConfig.share_prompt=True``: vision tower and prefill once per prompt, KV cache shared by the G
   samples, also in the training forward) against ``share_prompt=False`` (generation through
-  ``generate(num_return_sequences=G)``, training forward over G copies of the whole prompt).
+  ``generate(num_return_sequences=G)``, training forward over G copies of the whole prompt); unless
+  ``--no-lean``, a third path: shared with compiled decoding and fused AdamW. Targets at 1,000 vision tokens:
+  ≥ 3× at G = 4, ≥ 4.5× at G = 8, and an MFU ≥ 25 % at G = 8.
+* **real** (``--parts real``): rollouts on the real-architecture Qwen2.5-VL folder
+  (``mg3d.testing.real_architecture_folder``, 151,936-row vocabulary): tokens/s and the time in the LM head,
+  in the rest of the model and outside it, with transformers' ``multinomial``, the inverse-CDF sampler
+  (``RolloutConfig.sampler``) and that sampler with compiled decoding.
 * **MFU**: the matmul FLOPs of one step (``torch.utils.flop_counter.FlopCounterMode``, with the CPU
   flash-attention kernels added) over the median step time, against the peak of a large matmul (float32;
   bfloat16 for the bf16 paths) timed in the same process and thread count.
@@ -27,10 +35,13 @@ and a step is timed from the loop's step-begin hook to its step-end hook, so dat
 timing and everything listed above is inside. The loops run in lockstep: exactly one step of one path at a
 time, the paths taking turns step by step, so a load change on the shared machine hits all alike; ratios
 are medians of per-step ratios. The first ``--warmup`` steps of each path are not timed (the first one
-counts FLOPs). Every step is also split into phases (generation, training forward, backward, optimiser,
+counts FLOPs, with decoding not compiled: see ``_compile_after_first``; compilation happens in the second). Every step is also split into phases (generation, training forward, backward, optimiser,
 other). Where a target is missed, one more step of each path runs under ``torch.profiler`` and the top
 operators by self CPU time are printed. Prints markdown (and writes it with ``--out``), a plot with
 ``--plot``, and the exact command.
+
+One file over ~600 lines on purpose: a script run by hand whose parts share one lockstep runner, phase clock,
+FLOP counting and report, and which a reader should be able to check top to bottom in one place.
 """
 
 from __future__ import annotations
@@ -61,9 +72,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from mg3d.frames import CoordinateFrame
 
 PHASES = ("generate", "train forward", "backward", "optimizer", "other")
-TARGET_2D = 0.5  # mg3d step time / TRL step time
-TARGET_3D = 3.0  # repeated / shared step time, at >= TARGET_3D_TOKENS vision tokens
+TARGET_2D = 0.33  # mg3d step time / TRL step time (issue 23; issue 8 asked for 0.5)
+TARGET_3D = {4: 3.0, 8: 4.5}  # G -> repeated / shared step time, at TARGET_3D_TOKENS vision tokens
 TARGET_3D_TOKENS = 1000
+TARGET_MFU_3D = 0.25  # the 3D step at TARGET_3D_TOKENS, G = 8, against the float32 matmul peak
 aten = torch.ops.aten
 
 
@@ -432,8 +444,13 @@ def check_same_prompts(mg3d_inputs: dict[str, torch.Tensor], processor: Any, row
 # ---------------------------------------------------------------------------------------------------
 # the two training loops
 # ---------------------------------------------------------------------------------------------------
-def mg3d_module(args: argparse.Namespace, *, generations: int, max_vision_tokens: int) -> Any:
-    """``GRPOModule`` with its defaults except what both sides must share (G, lengths, reward, loss, lr)."""
+def mg3d_module(
+    args: argparse.Namespace, *, generations: int, max_vision_tokens: int, lean: bool = False
+) -> Any:
+    """``GRPOModule`` with its defaults except what both sides must share (G, lengths, reward, loss, lr).
+
+    ``lean``: the two opt-in speed-ups of issue 23, compiled decoding (``RolloutConfig.compile``) and fused
+    AdamW (``OptimConfig.fused``)."""
     from mg3d.generation import RolloutConfig
     from mg3d.grounding import PromptConfig
     from mg3d.grpo.config import EvalConfig, OptimConfig
@@ -444,10 +461,10 @@ def mg3d_module(args: argparse.Namespace, *, generations: int, max_vision_tokens
     return GRPOModule(
         policy=PolicyConfig(seed=0),
         prompt=PromptConfig(template=args.template, max_vision_tokens=max_vision_tokens),
-        rollout=RolloutConfig(num_generations=generations, max_new_tokens=args.max_new_tokens),
+        rollout=RolloutConfig(num_generations=generations, max_new_tokens=args.max_new_tokens, compile=lean),
         loss=GRPOLossConfig(loss_type="dapo", beta=0.0),
         rewards={"iou": 1.0},
-        optim=OptimConfig(lr=args.lr, schedule="linear", max_grad_norm=1.0),
+        optim=OptimConfig(lr=args.lr, schedule="linear", max_grad_norm=1.0, fused=lean),
         evaluation=EvalConfig(enabled=False),
         log_completions_every_n_steps=0,
     )
@@ -682,9 +699,16 @@ class Plan:
 
 MG3D = "mg3d GRPOModule"
 TRL = "TRL GRPOTrainer"
+MG3D_LEAN = "mg3d GRPOModule, compiled decoding + fused AdamW"
 MG3D_BF16 = "mg3d GRPOModule, Lightning bf16-mixed (dynamic cache)"
 TRL_DEFAULTS = "TRL GRPOTrainer, TRL defaults (bf16 autocast, checkpointing)"
-SHORT = {MG3D: "mg3d", TRL: "TRL", MG3D_BF16: "mg3d\nbf16-mixed", TRL_DEFAULTS: "TRL\ndefaults (bf16)"}
+SHORT = {
+    MG3D: "mg3d",
+    TRL: "TRL",
+    MG3D_LEAN: "mg3d\ncompiled+fused",
+    MG3D_BF16: "mg3d\nbf16-mixed",
+    TRL_DEFAULTS: "TRL\ndefaults (bf16)",
+}
 
 
 @dataclasses.dataclass
@@ -696,12 +720,30 @@ class Loop:
     lengths: Callable[[], list[float]]
 
 
+def _compile_after_first(module: Any, batch_idx: int) -> None:
+    """Compiled decoding from the second step on. The first step counts FLOPs under ``FlopCounterMode``, and
+    dynamo skips a frame first called under a dispatch mode for good: transformers' compiled call wraps
+    ``Module.__call__``, so every later compiled decoding in the process would silently run eagerly. The FLOPs
+    are those of the same maths run eagerly."""
+    module.rollout_config = dataclasses.replace(module.rollout_config, compile=batch_idx > 0)
+
+
+def compiled_graphs() -> int:
+    """Graphs dynamo compiled in this process (to show that the compiled paths did compile)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"].get("unique_graphs", 0))
+
+
 def mg3d_loop(args: argparse.Namespace, samples: list, plan: Plan, lockstep: Lockstep, path: int) -> Loop:
-    module = mg3d_module(args, generations=args.generations, max_vision_tokens=1024)
+    lean = lockstep.names[path] == MG3D_LEAN
+    module = mg3d_module(args, generations=args.generations, max_vision_tokens=1024, lean=lean)
     bf16 = lockstep.names[path] == MG3D_BF16
     if bf16:  # the static cache is allocated in float32 and refuses autocast's bf16 keys
         module.rollout_config = dataclasses.replace(module.rollout_config, cache_implementation="dynamic")
-    callback = lightning_turns(lockstep, path_of=lambda _: path)
+    callback = lightning_turns(
+        lockstep, path_of=lambda _: path, on_batch=_compile_after_first if lean else None
+    )
     precision = "bf16-mixed" if bf16 else "32-true"
     return Loop(
         run=functools.partial(fit, module, samples, plan.steps, callback, [path], lockstep, precision),
@@ -740,7 +782,9 @@ def run_2d(args: argparse.Namespace) -> tuple[list[PathStats], dict[str, str]]:
     from mg3d.model import PolicyConfig
     from mg3d.trl_processor import trl_image_processor
 
-    names = [MG3D, TRL] + ([MG3D_BF16, TRL_DEFAULTS] if args.bf16 else [])
+    names = (
+        [MG3D, TRL] + ([MG3D_LEAN] if args.lean else []) + ([MG3D_BF16, TRL_DEFAULTS] if args.bf16 else [])
+    )
     plan = Plan(names, args.warmup, args.runs, args.profile != "never")
     lockstep = Lockstep(names, plan.instrument)
     samples = [image_sample(i, args.image_size) for i in range(args.batch)]
@@ -780,35 +824,225 @@ class Config3D:
     shared: PathStats
     repeated: PathStats
     tables: dict[str, str]
+    lean: PathStats | None = None  # shared prompt with compiled decoding and fused AdamW
 
     @property
     def speedup(self) -> float:
         return per_step_ratio(self.repeated, self.shared)
 
+    @property
+    def lean_speedup(self) -> float | None:
+        return per_step_ratio(self.repeated, self.lean) if self.lean else None
+
+    @property
+    def best_speedup(self) -> float:
+        return max(self.speedup, self.lean_speedup or 0.0)
+
 
 def run_3d(args: argparse.Namespace, tokens: int, generations: int, profile: bool) -> Config3D:
-    """One Lightning loop whose steps alternate share_prompt=True / False on the same volume prompts."""
-    names = [f"shared prompt (N={tokens}, G={generations})", f"repeated prompt (N={tokens}, G={generations})"]
+    """One Lightning loop whose steps take turns: shared prompt, repeated prompt (and, with ``--lean``, shared
+    prompt with compiled decoding and fused AdamW) on the same volume prompts."""
+    suffix = f" (N={tokens}, G={generations})"
+    names = [f"shared prompt{suffix}", f"repeated prompt{suffix}"]
+    if args.lean:
+        names.append(f"shared prompt, compiled decoding + fused AdamW{suffix}")
+    n = len(names)
     plan = Plan(names, args.warmup, args.runs, profile)
     samples = [volume_sample(i, tokens) for i in range(args.batch_3d)]
     module = mg3d_module(args, generations=generations, max_vision_tokens=tokens)
     inputs = module.prompter.build(samples).inputs
     check_vision_tokens(inputs, tokens)
     lockstep = Lockstep(names, plan.instrument)
-    for path in (0, 1):
+    for path in range(n):
         lockstep.clocks[path] = lambda: PhaseClock(module.model, module._rollout_backend(), "generate")
 
     def on_batch(mod: Any, batch_idx: int) -> None:
-        # Step k of both paths samples with the same seed: the same completions (the shared prefill is exact),
-        # so the two differ only in how the prompt is computed.
-        mod.rollout_config = dataclasses.replace(mod.rollout_config, share_prompt=batch_idx % 2 == 0)
-        mod._rollout_backend().generator.manual_seed(batch_idx // 2)
+        # Step k of every path samples with the same seed: the same completions (the shared prefill is exact,
+        # compiled decoding draws the same tokens), so the paths differ only in how the work is done.
+        path = batch_idx % n
+        lean = path == 2
+        compile_now = lean and batch_idx // n > 0  # not on the FLOP-counting step: see _compile_after_first
+        mod.rollout_config = dataclasses.replace(
+            mod.rollout_config, share_prompt=path != 1, compile=compile_now
+        )
+        mod._rollout_backend().generator.manual_seed(batch_idx // n)
+        for group in mod.trainer.optimizers[0].param_groups:  # torch reads the flag at every step
+            group["fused"] = True if lean else None
 
-    callback = lightning_turns(lockstep, path_of=lambda i: i % 2, on_batch=on_batch)
-    fit(module, samples, 2 * plan.steps, callback, [0, 1], lockstep)
+    callback = lightning_turns(lockstep, path_of=lambda i: i % n, on_batch=on_batch)
+    fit(module, samples, n * plan.steps, callback, list(range(n)), lockstep)
     prompt_tokens = int(inputs["attention_mask"].sum(dim=1).max())
-    shared, repeated = (plan.stats(lockstep, p, callback.lengths.get(p, []), prompt_tokens) for p in (0, 1))
-    return Config3D(tokens, generations, shared, repeated, plan.tables)
+    stats = [plan.stats(lockstep, p, callback.lengths.get(p, []), prompt_tokens) for p in range(n)]
+    return Config3D(tokens, generations, stats[0], stats[1], plan.tables, stats[2] if args.lean else None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the real-architecture Qwen2.5-VL folder (151,936-row vocabulary): generation speed, LM head vs body
+# ---------------------------------------------------------------------------------------------------
+class HeadClock:
+    """Wall time inside the model's forward calls and inside its LM head during one rollout (forward hooks)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.head = model, model.get_output_embeddings()
+        self.forward = self.lm_head = 0.0
+        self.calls = 0
+
+    def __enter__(self) -> HeadClock:
+        starts: dict[str, float] = {}
+
+        def mark(key: str) -> Callable[..., None]:
+            return lambda *_: starts.__setitem__(key, time.perf_counter())
+
+        def stop(key: str) -> Callable[..., None]:
+            def hook(*_: Any) -> None:
+                elapsed = time.perf_counter() - starts.pop(key)
+                if key == "head":
+                    self.lm_head += elapsed
+                else:
+                    self.forward += elapsed
+                    self.calls += 1
+
+            return hook
+
+        self._handles = [
+            self.model.register_forward_pre_hook(mark("model")),
+            self.model.register_forward_hook(stop("model")),
+            self.head.register_forward_pre_hook(mark("head")),
+            self.head.register_forward_hook(stop("head")),
+        ]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+@dataclasses.dataclass
+class RealRun:
+    """Median seconds of one rollout of each variant on the real-architecture folder, and what it held."""
+
+    variants: dict[str, dict[str, float]]
+    rows: int
+    prompt_tokens: int
+    new_tokens: int
+    vocab: int
+    hidden: int
+    layers: int
+    compile_seconds: float
+    rows_differing: int  # rows the compiled variant drew differently from the eager one, over all rollouts
+    rollouts: int
+
+
+def run_real(args: argparse.Namespace) -> RealRun:
+    """Rollouts (B prompts × G, sampled, as GRPO samples them) on the real-architecture folder: eager as built
+    and with compiled decoding, alternating call by call; the first call of each is untimed (the compiled one
+    pays its compilation there)."""
+    from mg3d.generation import RolloutConfig, generate_completions
+    from mg3d.grounding import GroundingPrompter
+    from mg3d.model import load_policy
+    from mg3d.testing import real_architecture_folder
+
+    policy = load_policy(real_architecture_folder())
+    samples = [image_sample(i, args.image_size) for i in range(args.real_batch)]
+    inputs = GroundingPrompter(policy, template=args.template).build(samples).inputs
+    text = policy.model.config.get_text_config()
+    base = RolloutConfig(num_generations=args.generations, max_new_tokens=args.max_new_tokens)
+    fast = dataclasses.replace(base, sampler="inverse_cdf")
+    configs = {
+        "as built (transformers' multinomial)": base,
+        "inverse-CDF sampler": fast,
+        "inverse-CDF sampler + compiled decoding": dataclasses.replace(fast, compile=True),
+    }
+    seconds: dict[str, list[dict[str, float]]] = {name: [] for name in configs}
+    tokens: dict[str, list[torch.Tensor]] = {name: [] for name in configs}
+    compile_seconds = 0.0
+    for step in range(args.warmup + args.runs):
+        for name, config in configs.items():
+            config = dataclasses.replace(config, seed=step)
+            # Hooks would change what dynamo traces (and recompile): the compiled variant is timed as a whole.
+            clock = HeadClock(policy.model) if not config.compile else None
+            start = time.perf_counter()
+            with clock or contextlib.nullcontext():
+                rollout = generate_completions(policy, inputs, config)
+            total = time.perf_counter() - start
+            tokens[name].append(rollout.completion_ids)
+            if step == 0 and config.compile:
+                compile_seconds = total
+            if step < args.warmup:
+                continue
+            nan = float("nan")
+            seconds[name].append(
+                {
+                    "total": total,
+                    "lm_head": clock.lm_head if clock else nan,
+                    "body": clock.forward - clock.lm_head if clock else nan,
+                    "outside": total - clock.forward if clock else nan,
+                    "steps": float(rollout.completion_ids.shape[1]),  # decoding steps of the longest row
+                }
+            )
+        print(f"[real] rollout {step + 1}/{args.warmup + args.runs}", file=sys.stderr, flush=True)
+    drawn = list(tokens.values())  # the compiled variant must draw what the eager one with its sampler drew
+    differ = sum(int((a != b).any(dim=1).sum()) for a, b in zip(drawn[1], drawn[2]))
+    medians = {
+        name: {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+        for name, runs in seconds.items()
+    }
+    return RealRun(
+        variants=medians,
+        rows=int(inputs["input_ids"].shape[0]) * args.generations,
+        prompt_tokens=int(inputs["attention_mask"].sum(dim=1).max()),
+        new_tokens=args.max_new_tokens,
+        vocab=int(text.vocab_size),
+        hidden=int(text.hidden_size),
+        layers=int(text.num_hidden_layers),
+        compile_seconds=compile_seconds,
+        rows_differing=differ,
+        rollouts=args.warmup + args.runs,
+    )
+
+
+def report_real(run: RealRun, args: argparse.Namespace) -> list[str]:
+    lines = [
+        "### Generation at the real vocabulary (real-architecture Qwen2.5-VL folder)",
+        "",
+        f"`mg3d.testing.real_architecture_folder()`: vocabulary {run.vocab:,}, hidden size {run.hidden}, "
+        f"{run.layers} layers (small random weights, the released tokenizer and 3B vision geometry). "
+        f"{args.real_batch} image prompts of ≤ {run.prompt_tokens} tokens × G = {args.generations} = {run.rows} "
+        f"rows, ≤ {run.new_tokens} new tokens sampled at T = 1; median of {args.runs} rollouts after "
+        f"{args.warmup} untimed; the variants alternate call by call, with the same seeds. The compiled variant "
+        f"drew other tokens than the eager one with the same sampler in {run.rows_differing} of "
+        f"{run.rows * run.rollouts} rows (inductor's fused kernels round differently); the inverse-CDF sampler "
+        "draws from the same distribution as `multinomial` from another random stream. LM head = time inside "
+        "`lm_head` (forward hooks), body = the rest of the model's forward calls, outside = generate's own loop "
+        "(logits processors, sampling, stopping, bookkeeping) and the prompt preparation.",
+        "",
+        "| variant | rollout (s) | tokens per row | tokens/s (rows × tokens / rollout) | LM head (s) | body (s) "
+        "| outside the model (s) | LM head share of the model's time |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, m in run.variants.items():
+        rate = run.rows * m["steps"] / m["total"]
+        timed = m["lm_head"] == m["lm_head"]  # not NaN: the eager variant, timed by hooks
+        forward = m["lm_head"] + m["body"]
+        cells = (
+            [
+                f"{m['lm_head']:.3f}",
+                f"{m['body']:.3f}",
+                f"{m['outside']:.3f}",
+                f"{100 * m['lm_head'] / forward:.0f} %",
+            ]
+            if timed
+            else ["–", "–", "–", "– (no hooks inside the compiled graph)"]
+        )
+        lines.append(
+            f"| {name} | {_s(m['total'])} | {m['steps']:.0f} | {rate:.0f} | " + " | ".join(cells) + " |"
+        )
+    lines += [
+        "",
+        f"The compiled variant's first rollout (compilation included) took {run.compile_seconds:.1f} s; dynamo "
+        f"compiled {compiled_graphs()} distinct graph(s) in the process by the end.",
+    ]
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -879,6 +1113,15 @@ def report_2d(
         f"**mg3d / TRL step time = {r:.2f}×** (both float32, no checkpointing; median of per-step ratios; "
         f"target ≤ {TARGET_2D}×: {'met' if met else 'missed'}).",
     ]
+    if MG3D_LEAN in by_name:
+        lines.append(f"(dynamo compiled {compiled_graphs()} distinct graph(s) in the process so far.)")
+        lean = per_step_ratio(by_name[MG3D_LEAN], trl)
+        met = met or lean <= TARGET_2D
+        lines.append(
+            f"With compiled decoding and fused AdamW: mg3d / TRL = **{lean:.2f}×** "
+            f"(target ≤ {TARGET_2D}×: {'met' if lean <= TARGET_2D else 'missed'}); "
+            f"against mg3d as built: {per_step_ratio(by_name[MG3D_LEAN], mg3d):.2f}×."
+        )
     if MG3D_BF16 in by_name and TRL_DEFAULTS in by_name:
         bf16 = per_step_ratio(by_name[MG3D_BF16], by_name[TRL_DEFAULTS])
         lines.append(
@@ -890,40 +1133,72 @@ def report_2d(
     return lines
 
 
+def _ratio(value: float | None) -> str:
+    return "–" if value is None else f"**{value:.2f}×**"
+
+
 def report_3d(configs: list[Config3D], peaks: Peaks, profile: str) -> list[str]:
+    lean = any(c.lean for c in configs)
     lines = [
         "### 3D volume prompts: prompt shared (as built) vs repeated G times",
         "",
-        "| vision tokens | G | prompt tokens | shared (s) | repeated (s) | **speed-up** | shared GFLOP / step "
-        "| repeated GFLOP / step | shared MFU | repeated MFU | mean completion length (shared / repeated) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| vision tokens | G | prompt tokens | shared (s) | repeated (s) | **speed-up** | "
+        + ("shared, compiled + fused (s) | **its speed-up** | " if lean else "")
+        + "shared GFLOP / step | repeated GFLOP / step | shared MFU | repeated MFU | "
+        + ("compiled + fused MFU | " if lean else "")
+        + "mean completion length (shared / repeated) |",
+        "|---" * (11 + 3 * lean) + "|",
     ]
     for c in configs:
         sg, _, sm = _mfu(c.shared, peaks)
         rg, _, rm = _mfu(c.repeated, peaks)
+        extra = (
+            f"{_s(c.lean.median)} | {_ratio(c.lean_speedup)} | " if c.lean else ("– | – | " if lean else "")
+        )
+        lean_mfu = f"{_mfu(c.lean, peaks)[2]} | " if c.lean else ("– | " if lean else "")
         lines.append(
             f"| {c.tokens} | {c.generations} | {c.shared.prompt_tokens} | {_s(c.shared.median)} | "
-            f"{_s(c.repeated.median)} | **{c.speedup:.2f}×** | {sg} | {rg} | {sm} | {rm} | "
+            f"{_s(c.repeated.median)} | {_ratio(c.speedup)} | {extra}{sg} | {rg} | {sm} | {rm} | {lean_mfu}"
             f"{c.shared.mean_length:.1f} / {c.repeated.mean_length:.1f} |"
         )
     lines += ["", "Phases (median seconds per step):", ""]
     lines.append("| vision tokens | G | path | " + " | ".join(PHASES) + " |")
     lines.append("|---" * (3 + len(PHASES)) + "|")
     for c in configs:
-        for st, label in ((c.shared, "shared"), (c.repeated, "repeated")):
+        paths = [(c.shared, "shared"), (c.repeated, "repeated")] + (
+            [(c.lean, "shared, compiled + fused")] if c.lean else []
+        )
+        for st, label in paths:
             lines.append(f"| {c.tokens} | {c.generations} | {label} | {_phases(st)} |")
-    judged = [c for c in configs if c.tokens >= TARGET_3D_TOKENS]
-    if judged:
-        worst = min(judged, key=lambda c: c.speedup)
-        met = worst.speedup >= TARGET_3D
+    judged = [c for c in configs if c.tokens == TARGET_3D_TOKENS and c.generations in TARGET_3D]
+    missed = False
+    for c in judged:
+        target = TARGET_3D[c.generations]
+        met = c.best_speedup >= target
+        missed |= not met
         lines += [
             "",
-            f"Lowest speed-up at ≥ {TARGET_3D_TOKENS} vision tokens: **{worst.speedup:.2f}×** "
-            f"(N = {worst.tokens}, G = {worst.generations}; target ≥ {TARGET_3D}×: {'met' if met else 'missed'}).",
+            f"N = {c.tokens}, G = {c.generations}: speed-up **{c.speedup:.2f}×** as built"
+            + (f", **{c.lean_speedup:.2f}×** with compiled decoding + fused AdamW" if c.lean else "")
+            + f" (target ≥ {target}×: {'met' if met else 'missed'}).",
         ]
-        tables = {k: v for c in configs for k, v in c.tables.items()}
-        if tables and (profile == "always" or (profile == "auto" and not met)):
-            lines += _profile_lines(tables)
+    for c in (c for c in judged if c.generations == 8):
+        best = max(
+            (st for st in (c.shared, c.lean) if st and st.flops),
+            key=lambda st: st.flops / st.median,
+            default=None,
+        )
+        if best is not None:
+            mfu = best.flops / best.median / peaks.best("float32")
+            missed |= mfu < TARGET_MFU_3D
+            lines += [
+                "",
+                f"MFU of the 3D step (N = {c.tokens}, G = 8, best mg3d path): **{100 * mfu:.1f} %** of the float32 "
+                f"matmul peak (target ≥ {100 * TARGET_MFU_3D:.0f} %: {'met' if mfu >= TARGET_MFU_3D else 'missed'}).",
+            ]
+    tables = {k: v for c in configs for k, v in c.tables.items()}
+    if tables and (profile == "always" or (profile == "auto" and missed)):
+        lines += _profile_lines(tables)
     return lines
 
 
@@ -960,6 +1235,8 @@ def plot(
         xs = [c.tokens for c in sweep]
         ax.plot(xs, [c.repeated.median for c in sweep], "o-", label="prompt repeated G times")
         ax.plot(xs, [c.shared.median for c in sweep], "o-", label="prompt shared (mg3d)")
+        if all(c.lean for c in sweep):
+            ax.plot(xs, [c.lean.median for c in sweep], "s--", label="prompt shared, compiled + fused")
         for c in sweep:
             ax.annotate(
                 f"{c.speedup:.1f}×",
@@ -977,7 +1254,15 @@ def plot(
     ax = axes[2]
     if gsweep:
         ax.plot([c.generations for c in gsweep], [c.speedup for c in gsweep], "o-", label=f"N = {g_tokens}")
-        ax.axhline(TARGET_3D, color="grey", ls="--", lw=1, label=f"target {TARGET_3D:g}×")
+        if all(c.lean for c in gsweep):
+            ax.plot(
+                [c.generations for c in gsweep],
+                [c.lean_speedup for c in gsweep],
+                "s--",
+                label=f"N = {g_tokens}, compiled decoding + fused AdamW",
+            )
+        for g, target in TARGET_3D.items():
+            ax.plot([g], [target], "k_", ms=14, label=f"target at G = {g}: {target:g}×")
         ax.set_xlabel("G (completions per prompt)")
         ax.set_ylabel("speed-up of sharing the prompt")
         ax.set_xticks([c.generations for c in gsweep])
@@ -1029,7 +1314,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--parts", default="2d,3d", help="comma-separated: 2d, 3d")
+    parser.add_argument("--parts", default="2d,3d,real", help="comma-separated: 2d, 3d, real")
     parser.add_argument("--batch", type=int, default=2, help="2D: prompts per generation batch (all paths)")
     parser.add_argument(
         "--batch-3d", type=int, default=1, help="3D: prompts per generation batch (both paths)"
@@ -1054,6 +1339,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--threads", type=int, default=1, help="torch threads (2 only when nothing else runs)"
     )
     parser.add_argument(
+        "--no-lean",
+        dest="lean",
+        action="store_false",
+        help="skip the paths with compiled decoding + fused AdamW (2D: one more path; 3D: a third path)",
+    )
+    parser.add_argument(
+        "--real-batch", type=int, default=2, help="real: prompts per rollout (2D images, G = --generations)"
+    )
+    parser.add_argument(
         "--no-bf16",
         dest="bf16",
         action="store_false",
@@ -1070,12 +1364,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.image_size % 28:
         parser.error("--image-size must be a multiple of 28")
+    if args.lean and args.warmup < 2:
+        parser.error("--warmup must be >= 2 with the compiled paths (they compile in their second step)")
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    # dynamo keeps one cache per code object across models (each compiled model adds entries to Module.__call__'s);
+    # this run builds up to 8 compiled models, more than the default limit of 8 entries (beyond: eager, silently).
+    torch._dynamo.config.recompile_limit = 64
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*(val_dataloader|does not have many workers).*")
     import lightning.pytorch  # noqa: F401 - sets its loggers' levels on import; quieten them afterwards
@@ -1108,11 +1407,14 @@ def main(argv: list[str] | None = None) -> None:
             )
             peaks.measure()
 
+    real = run_real(args) if "real" in parts else None
     lines = header(args, peaks, started, load_start)
     if stats_2d:
         lines += [*report_2d(stats_2d, tables_2d, peaks, args), ""]
     if configs:
         lines += [*report_3d(configs, peaks, args.profile), ""]
+    if real:
+        lines += [*report_real(real, args), ""]
     if args.plot:
         plot(args.plot, stats_2d, configs, args.generations, args.g_sweep_tokens)
         lines += [

@@ -20,7 +20,6 @@ DEFAULT_MAX_NEW_TOKENS = 48
 
 
 @dataclass
-@dataclass
 class RolloutConfig:
     """Sampling settings of one rollout. ``top_k=0`` and ``top_p=1.0`` switch those filters off."""
 
@@ -37,6 +36,19 @@ class RolloutConfig:
     #: prompt cache (``"dynamic"``, transformers' default). Same tokens; about half the decoding time for
     #: prompts of a few thousand tokens on CPU.
     cache_implementation: str = "static"
+    #: Shared path with the static cache only: decode through transformers' ``torch.compile``d forward
+    #: (``GenerationConfig.compile_config``; inductor on CPU). The same maths (the same tokens in the tests;
+    #: inductor's fused kernels round differently, so a rare near-tie can go the other way). It pays only where
+    #: shapes repeat: each new prompt length or batch size compiles again (tens of seconds on CPU, a second time
+    #: with dynamic shapes, then none); measured on the tiny CPU policy: 5 - 20 % off the generation phase
+    #: (docs/benchmarks.md, "One GRPO optimiser step"). Off by default.
+    compile: bool = False
+    #: How a sampled token is drawn from the processed distribution. ``"multinomial"``: transformers' own
+    #: ``torch.multinomial`` (one exponential random number per vocabulary entry and row at every step: on CPU,
+    #: most of a rollout at Qwen's 151,936-row vocabulary). ``"inverse_cdf"``: the same distribution from one
+    #: uniform number per row (:mod:`mg3d.generation.inverse_cdf`), a different random stream, so other
+    #: completions for a given seed. Greedy decoding ignores it.
+    sampler: str = "multinomial"
     #: Never sample image/video placeholder ids (as TRL does): a completion holding one would break the
     #: placeholder/feature count check in the training forward.
     suppress_vision_tokens: bool = True
@@ -58,6 +70,8 @@ class RolloutConfig:
         if self.top_k < 0:
             raise ConfigError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         self.stop_strings = check_stop_strings(self.stop_strings)
+        if self.sampler not in ("multinomial", "inverse_cdf"):
+            raise ConfigError(f"sampler must be 'multinomial' or 'inverse_cdf', got {self.sampler!r}")
         if self.cache_implementation not in ("static", "dynamic"):
             raise ConfigError(
                 f"cache_implementation must be 'static' or 'dynamic', got {self.cache_implementation!r}"

@@ -25,12 +25,13 @@ over the completions), and keeps the prefill in the autograd graph. Both functio
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-from transformers import GenerationConfig, StaticCache
+from transformers import CompileConfig, GenerationConfig, StaticCache
 
 from mg3d.errors import ConfigError
 from mg3d.generation.config import RolloutConfig
@@ -40,6 +41,7 @@ from mg3d.generation.inputs import (
     prompt_positions,
     replicate_prompt_inputs,
 )
+from mg3d.generation.inverse_cdf import inverse_cdf_processors
 from mg3d.model import Policy
 from mg3d.sharding import gathered_parameters
 
@@ -55,7 +57,6 @@ __all__ = [
 ]
 
 
-@dataclass
 @dataclass
 class Rollout:
     """G completions for each of B prompts. Completion row ``i`` comes from prompt ``prompt_index[i]``."""
@@ -166,7 +167,7 @@ def only_configured_processors(policy: Policy) -> Iterator[None]:
         model.generation_config = saved
 
 
-def _generation_kwargs(policy: Policy, config: RolloutConfig) -> dict[str, Any]:
+def _generation_kwargs(policy: Policy, config: RolloutConfig, *, compiled: bool = False) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "max_new_tokens": config.max_new_tokens,
         "do_sample": config.do_sample,
@@ -175,9 +176,16 @@ def _generation_kwargs(policy: Policy, config: RolloutConfig) -> dict[str, Any]:
         "use_cache": True,
         # Never torch.compile behind the caller's back (transformers auto-compiles on GPU with a static cache;
         # rollout shapes change every step of training, so it would recompile again and again).
-        "disable_compile": True,
+        "disable_compile": not compiled,
     }
-    if config.do_sample:
+    if compiled:
+        kwargs["compile_config"] = _compile_config(policy.model.device)
+    if (
+        config.do_sample and config.sampler == "inverse_cdf"
+    ):  # transformers' greedy loop picks the drawn token
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        kwargs["logits_processor"] = inverse_cdf_processors(config.temperature, config.top_k, config.top_p)
+    elif config.do_sample:
         kwargs.update(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k)
     else:  # greedy: neutralise any sampling defaults of the checkpoint's generation_config
         kwargs.update(temperature=None, top_p=None, top_k=None)
@@ -186,6 +194,40 @@ def _generation_kwargs(policy: Policy, config: RolloutConfig) -> dict[str, Any]:
     if config.stop_strings:  # transformers' StopStringCriteria: handles strings that span token boundaries
         kwargs.update(stop_strings=list(config.stop_strings), tokenizer=policy.tokenizer)
     return kwargs
+
+
+def _compile_config(device: torch.device) -> CompileConfig:
+    """transformers' compiled decoding: CUDA graphs on GPU (its default), plain inductor elsewhere.
+
+    transformers compiles only on accelerators unless the private ``_compile_all_devices`` flag is set; on CPU
+    ``mode="default"`` (``"reduce-overhead"`` means CUDA graphs).
+    """
+    if device.type in ("cuda", "xpu"):
+        return CompileConfig()
+    config = CompileConfig(mode="default")
+    config._compile_all_devices = True
+    return config
+
+
+@contextlib.contextmanager
+def _sdpa_gqa_kernel() -> Iterator[None]:
+    """Grouped-query attention inside SDPA (``enable_gqa``) instead of copying every key/value head.
+
+    transformers' SDPA path avoids repeating the key/value heads only in eager decoding (``pack_gqa``); under
+    ``torch.compile`` it falls back to ``repeat_kv``, which on CPU materialises the whole static cache with
+    every head repeated at every step (slower than not compiling at all, measured). transformers reads this
+    switch from the environment at every attention call; it is set only for the compiled ``generate``.
+    """
+    name = "TRANSFORMERS_SDPA_FORCE_GQA"
+    saved = os.environ.get(name)
+    os.environ[name] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
 
 
 def cut_at_stop_strings(
@@ -250,15 +292,18 @@ def _generate_shared(policy: Policy, inputs: dict[str, torch.Tensor], config: Ro
     ids = inputs["input_ids"].repeat_interleave(g, dim=0)
     # Under autocast (Lightning's bf16-mixed) decoding writes bf16 keys/values, which a float32 StaticCache
     # refuses (index_copy_ dtype mismatch); the dynamic cache takes whatever dtype arrives.
-    if config.cache_implementation == "static" and not torch.is_autocast_enabled(ids.device.type):
+    static = config.cache_implementation == "static" and not torch.is_autocast_enabled(ids.device.type)
+    if static:
         cache = _to_static_cache(policy.model, cache, ids.shape[1] + config.max_new_tokens)
-    return policy.model.generate(
-        input_ids=ids,
-        attention_mask=inputs["attention_mask"].repeat_interleave(g, dim=0),
-        position_ids=positions.repeat_interleave(g, dim=1),
-        past_key_values=cache,
-        **_generation_kwargs(policy, config),
-    )[:, ids.shape[1] :]
+    compiled = static and config.compile  # transformers compiles only over a static cache
+    with _sdpa_gqa_kernel() if compiled else contextlib.nullcontext():
+        return policy.model.generate(
+            input_ids=ids,
+            attention_mask=inputs["attention_mask"].repeat_interleave(g, dim=0),
+            position_ids=positions.repeat_interleave(g, dim=1),
+            past_key_values=cache,
+            **_generation_kwargs(policy, config, compiled=compiled),
+        )[:, ids.shape[1] :]
 
 
 def _generate_naive(policy: Policy, prompt_inputs: Mapping[str, Any], config: RolloutConfig) -> torch.Tensor:

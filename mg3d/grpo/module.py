@@ -198,7 +198,12 @@ class GRPOModule(HeldOutEvaluation, pl.LightningModule):
             raise ConfigError("the policy has no trainable parameters (is everything frozen?)")
         o = self.optim_config
         optimizer = torch.optim.AdamW(
-            params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
+            params,
+            lr=o.lr,
+            betas=tuple(o.betas),
+            eps=o.eps,
+            weight_decay=o.weight_decay,
+            fused=True if o.fused else None,  # None: torch's default (a for-loop on CPU)
         )
         total = self.trainer.max_steps if self.trainer is not None and self.trainer.max_steps > 0 else None
         schedule = PhaseSchedule(
