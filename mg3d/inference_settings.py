@@ -54,19 +54,24 @@ def pipeline_to_dict(config: PipelineConfig) -> dict[str, Any]:
     return out
 
 
+def _check_saved_fields(value: Any, cls: type, where: str, subject: str, noun: str) -> None:
+    """Refuse a saved settings object that is not a mapping or names a field ``cls`` does not have."""
+    if not isinstance(value, Mapping):
+        raise ConfigError(
+            f"{where}: {subject} must be a {cls.__name__} or an object, got {type(value).__name__}"
+        )
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown {noun} field(s) {unknown}; known: {sorted(known)}")
+
+
 def pipeline_from(value: Any, where: str) -> PipelineConfig:
     """A :class:`PipelineConfig` from a saved object (or a copy of one), refusing unknown fields by name, so a
     settings file written by a newer or mistyped config fails loudly instead of running another pipeline."""
     if isinstance(value, PipelineConfig):
         return dataclasses.replace(value)
-    if not isinstance(value, Mapping):
-        raise ConfigError(
-            f"{where}: a pipeline must be a PipelineConfig or an object, got {type(value).__name__}"
-        )
-    known = {f.name for f in dataclasses.fields(PipelineConfig)}
-    unknown = sorted(set(value) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown pipeline field(s) {unknown}; known: {sorted(known)}")
+    _check_saved_fields(value, PipelineConfig, where, "a pipeline", "pipeline")
     try:
         return PipelineConfig(**{k: v for k, v in value.items() if k != "augment"})
     except (TypeError, ValueError) as err:
@@ -78,14 +83,7 @@ def prompt_from(value: Any, where: str, base: PromptConfig | None = None) -> Pro
     override changes only what it names); unknown fields are refused by name."""
     if isinstance(value, PromptConfig):
         return dataclasses.replace(value)
-    if not isinstance(value, Mapping):
-        raise ConfigError(
-            f"{where}: prompt settings must be a PromptConfig or an object, got {type(value).__name__}"
-        )
-    known = {f.name for f in dataclasses.fields(PromptConfig)}
-    unknown = sorted(set(value) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown prompt field(s) {unknown}; known: {sorted(known)}")
+    _check_saved_fields(value, PromptConfig, where, "prompt settings", "prompt")
     return dataclasses.replace(base or PromptConfig(), **dict(value))
 
 
