@@ -13,7 +13,7 @@ starts from other checkpoints (e.g. ``make demo``'s), ``--report-only`` rebuilds
 
 Benchmark: the ``--config`` demo as it stands — by default ``configs/demo.yaml``, single-lesion CT phantoms
 (64×64×16, M3D-RefSeg layout, real adapter and MONAI pipeline, 56×56×16 video); ``configs/demo_2d.yaml`` runs
-the same study on chest-radiograph phantoms (MS-CXR layout, 2D). The tiny random-init Qwen2.5-VL and the
+the same study on chest-radiograph phantoms (ChestX-ray8 layout, 2D). The tiny random-init Qwen2.5-VL and the
 config's (terse) prompt, scored on the phantoms' held-out ``test`` split (cases never drawn in training), greedy
 and one sample at T = 1. Every seed changes the policy's initial weights, the data order and the sampling seed.
 Everything reads the box dimension from the data (boxes, trail grid, constant-box baseline), so one script

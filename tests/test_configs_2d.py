@@ -1,8 +1,9 @@
 """configs/demo_2d.yaml through mg3d's LightningCLI, as written, shrunk to a handful of phantoms and steps.
 
-What is checked is that the shipped 2D demo runs end to end — its synthetic block writes single-finding MS-CXR
-phantoms of the kinds it names, the real adapter reads them as 2D records, the warm start and GRPO take steps
-and the before/after summary is written — not that it learns (docs/benchmarks.md measures that).
+What is checked is that the shipped 2D demo runs end to end — its synthetic block writes single-finding
+ChestX-ray8 phantoms of the kinds it names, the real adapter reads them as 2D records with place-free phrases,
+the warm start and GRPO take steps and the before/after summary is written — not that it learns
+(docs/benchmarks.md measures that).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def tiny_source(folder: Path) -> dict[str, Any]:
     source = yaml.safe_load(CONFIG.read_text(encoding="utf-8"))["data"]["sources"][0]
     source["path"] = str(folder)
     source["synthetic"]["n"] = 10
-    source["synthetic"]["options"]["mscxr_size"] = [96, 120]
+    source["synthetic"]["options"]["chestxray8_size"] = 96
     source["pipeline"]["spatial_size"] = [56, 56]
     return source
 
@@ -37,6 +38,7 @@ def test_demo_2d_config_runs_with_tiny_overrides(tmp_path):
     from mg3d.cli import main
 
     source = tiny_source(tmp_path / "cxr2d")
+    assert source["synthetic"]["layout"] == "chestxray8"
     cli = main(
         [
             "--config", str(CONFIG), "--trainer.max_steps=4", "--model.warm_start.steps=2",
@@ -55,7 +57,7 @@ def test_demo_2d_config_runs_with_tiny_overrides(tmp_path):
     assert cli.trainer.global_step == 4
 
     options = source["synthetic"]["options"]
-    categories = {"opacity": "Lung Opacity", "consolidation": "Consolidation", "pneumonia": "Pneumonia"}
+    categories = {"mass": "Mass", "nodule": "Nodule"}
     wanted = {categories[k] for k in options["kinds"]}
     records = [
         r for split in ("train", "val", "test") for r in read_manifest(tmp_path / "cxr2d" / f"{split}.jsonl")
@@ -64,6 +66,8 @@ def test_demo_2d_config_runs_with_tiny_overrides(tmp_path):
     for record in records:
         assert (record.ndim, record.modality, record.dataset) == (2, "CXR", "synthetic2d"), record.id
         assert record.category in wanted and len(record.boxes) == 1, record.id
+        # ChestX-ray8 has no phrases: the adapter's says what, never where
+        assert not {"left", "right", "upper", "lower", "zone"} & set(record.text.split()), record.text
 
     log_dir = next(tmp_path.glob("demo_2d/version_*"))
     summary = json.loads((log_dir / "grpo_summary.json").read_text(encoding="utf-8"))

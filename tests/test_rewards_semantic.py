@@ -20,6 +20,7 @@ from mg3d.rewards.encoders import (
     _radius,
     build_encoder,
     focal_contrast,
+    one_sided_difference,
 )
 from mg3d.rewards.intensity import IntensityStats, foreground_mask, intensity_stats, noise_level, padding_mask
 
@@ -152,8 +153,8 @@ def test_radiomics_embedding_by_hand() -> None:
     # level: both core quartiles at 100 of window 0..100 → 1, 1; enclosure 0; offset 0; isotropy 1 · 0.5; fill · 0.5
     # where the opening with the 4-neighbour cross removes the square's 4 corner pixels: fill = 572 / 576;
     # focal: at scale 0.7 × the box the core is all 100 and the ring all 0 (spread 0 → the floor 1e-6 × span
-    # 100), z = 1e6, z² / (z² + 0.5²) = 1 to float precision, × weight 0.5
-    torch.testing.assert_close(emb[0], torch.tensor([1.0, 1.0, 0.0, 0.0, 0.5 * 572 / 576, 0.5, 0.5]))
+    # 100), z = 1e6, z² / (z² + 1.5²) = 1 to float precision, × weight 2
+    torch.testing.assert_close(emb[0], torch.tensor([1.0, 1.0, 0.0, 0.0, 0.5 * 572 / 576, 0.5, 2.0]))
     assert float(enc.similarity(emb, emb)) == 1.0
     no_focal = RadiomicsEncoder(focal_weight=0.0).embed_regions(crops, intensity_stats(img), 0.5)
     torch.testing.assert_close(no_focal, emb[:, :6])
@@ -179,6 +180,32 @@ def _focal_crop(core: float, quadrant_medians: tuple[float, float, float, float]
         x[rows, cols] = m + checker[rows, cols]
     x[5:7, 5:7] = core
     return x
+
+
+def test_one_sided_focal_similarity_by_hand() -> None:
+    # the focal feature is the last column; a candidate is penalised only where it is *less* focal
+    enc = RadiomicsEncoder(kernel_width=1.0)
+    ref = torch.tensor([[0.5, 0.5, 0.0, 0.0, 0.25, 0.5, 0.4]])
+    more_focal = torch.tensor([[0.5, 0.5, 0.0, 0.0, 0.25, 0.5, 1.8]])
+    less_focal = torch.tensor([[0.5, 0.5, 0.0, 0.0, 0.25, 0.5, 0.0]])
+    other_level = torch.tensor([[0.8, 0.5, 0.0, 0.0, 0.25, 0.5, 1.8]])
+    torch.testing.assert_close(
+        one_sided_difference(more_focal[:, -1:], ref[:, -1:]).float(), torch.zeros(1, 1)
+    )
+    torch.testing.assert_close(
+        one_sided_difference(less_focal[:, -1:], ref[:, -1:]).float(), torch.tensor([[0.4]])
+    )
+    assert float(enc.similarity(more_focal, ref)) == 1.0
+    assert float(enc.similarity(less_focal, ref)) == pytest.approx(np.exp(-(0.4**2) / 2))
+    # the other columns stay two-sided: d² = 0.3² from the level only
+    assert float(enc.similarity(other_level, ref)) == pytest.approx(np.exp(-(0.3**2) / 2))
+    # symmetric when switched off: the focal gap counts whichever way
+    sym = RadiomicsEncoder(kernel_width=1.0, focal_one_sided=False)
+    assert float(sym.similarity(more_focal, ref)) == pytest.approx(np.exp(-(1.4**2) / 2))
+    # broadcasting as the reward calls it: (N, 1, D) candidates against (1, K, D) references
+    both = enc.similarity(torch.cat([more_focal, less_focal])[:, None], ref[None])
+    assert both.shape == (2, 1)
+    assert float(both[0, 0]) == 1.0 and float(both[1, 0]) == pytest.approx(np.exp(-(0.4**2) / 2))
 
 
 def test_focal_contrast_by_hand() -> None:

@@ -505,6 +505,36 @@ def test_cxr_findings_are_visible() -> None:
                 assert inside > 70
 
 
+def test_cxr_mass_radius_sets_the_mass_size() -> None:
+    """A mass's tight box is its disc (clipped to the lung, which holds ≥ 80 % of it): at most 2r + 1 px wide and
+    mostly at least 2r for r drawn from ``mass_radius`` (fractions of the width); the default range is the
+    generator's own (the files of the default option do not change)."""
+    width = 256
+    means = []
+    for lo, hi in ((0.035, 0.055), (0.07, 0.11)):
+        sizes = []
+        for seed in range(8):
+            ph = generate_cxr_case(
+                np.random.default_rng(seed), width=width, height=width, kinds=("mass",), min_findings=1,
+                max_findings=1, mass_radius=(lo, hi),
+            )  # fmt: skip
+            (finding,) = ph.findings
+            x1, y1, x2, y2 = finding.tight_boxes[0]
+            sizes += [x2 - x1, y2 - y1]
+        median = float(np.median(sizes))
+        assert 2 * lo * width - 1 <= median and max(sizes) <= 2 * hi * width + 1, (lo, hi, sizes)
+        means.append(float(np.mean(sizes)))
+    assert means[1] > 1.6 * means[0], means
+    default = generate_cxr_case(np.random.default_rng(3), width=width, height=width, kinds=("mass",))
+    explicit = generate_cxr_case(
+        np.random.default_rng(3), width=width, height=width, kinds=("mass",), mass_radius=(0.035, 0.055)
+    )
+    np.testing.assert_array_equal(default.image, explicit.image)
+    for bad in ((0.0, 0.05), (0.08, 0.05), (0.1, 0.3)):
+        with pytest.raises(ConfigError, match="mass_radius"):
+            generate_cxr_case(np.random.default_rng(0), kinds=("mass",), mass_radius=bad)
+
+
 def test_mscxr_layout(cxr_dir: Path) -> None:
     root = cxr_dir / "mscxr"
     csv_path = root / MSCXR_CSV_NAME

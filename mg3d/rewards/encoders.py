@@ -42,6 +42,7 @@ __all__ = [
     "build_encoder",
     "focal_contrast",
     "intensity_stats",
+    "one_sided_difference",
 ]
 
 _TOKENIZER_FILES = (
@@ -58,7 +59,11 @@ _TOKENIZER_FILES = (
 
 
 class RegionEncoder(ABC):
-    """Embeds fixed-size crops; ``similarity`` of an embedding with itself is 1 and never exceeds 1."""
+    """Embeds fixed-size crops; ``similarity`` of an embedding with itself is 1 and never exceeds 1.
+
+    ``similarity(a, b)`` is called with the candidate region first and the reference (anchor) second; an
+    encoder may use that order (:class:`RadiomicsEncoder`'s one-sided focal term does).
+    """
 
     #: True when :meth:`embed_texts` works (image–text similarity to the referring phrase)
     has_text: bool = False
@@ -144,6 +149,18 @@ def focal_contrast(
     return best
 
 
+def one_sided_difference(candidate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``max(reference − candidate, 0)``: a candidate is penalised only for being *less* than the reference.
+
+    Used for the focal feature (issue 24, third round). The reward asks whether a miss looks like the target;
+    for conspicuity the useful reading is "at least as much of a focal finding as the target". Symmetric, a
+    faint target (focal z ≈ 0 on its own box, common on the phantoms) made a conspicuous other lesion look
+    *unlike* it, which capped the focal weight at 0.5; one-sided, a faint target simply takes no evidence
+    from the term, while a conspicuous target still ranks flat tissue below a focal miss.
+    """
+    return (reference.double() - candidate.double()).clamp_min(0.0)
+
+
 class RadiomicsEncoder(RegionEncoder):
     """Hand-made region descriptor with no weights: what the region's centre is made of, and whether it is a
     focal finding enclosed by the box or part of a larger structure.
@@ -167,14 +184,16 @@ class RadiomicsEncoder(RegionEncoder):
     * ``focal`` — :func:`focal_contrast` at ``focal_scales`` (fractions of the box half-size), squashed to
       [0, 1) as ``z² / (z² + focal_z0²)``: a centre that stands out on every side by more than the surround's
       own spread, whichever its density (issue 24: real lesions of either density against textured tissue);
+      compared **one-sided** by default (:meth:`similarity`);
     * ``histogram`` — √ of a 16-bin histogram of the box interior on the image-equalised scale (off by
       default: on the phantom study it ranks tissue above lesions of another kind).
 
     Weights, the core size, ``contrast_sigmas`` and the ``focal`` settings were chosen on the *tuning* sources
-    of :mod:`mg3d.studies.semantic_property` — phantoms (seeds 1, 4–7, 21, 22; the focal settings on seed 1),
-    the ``chest_ct_small`` and ``shoulder_mr_slice`` real images — and are reported on the others
-    (``docs/rewards.md``). The
-    similarity is a Gaussian kernel of the weighted Euclidean distance, ``exp(-d² / (2 σ²))`` in (0, 1].
+    of :mod:`mg3d.studies.semantic_property` — phantoms (seeds 1, 4–7, 21, 22; the focal settings, one-sided,
+    on seed 1), the ``chest_ct_small`` and ``shoulder_mr_slice`` real images — and are reported on the others
+    (``docs/rewards.md``). The similarity is a Gaussian kernel of the weighted Euclidean distance, ``exp(-d² / (2 σ²))`` in (0, 1]; with
+    ``focal_one_sided`` the focal term only counts where the candidate is *less* focal than the reference
+    (see :func:`one_sided_difference`).
     """
 
     similarity_floor = 0.0
@@ -192,9 +211,10 @@ class RadiomicsEncoder(RegionEncoder):
         isotropy_weight: float = 0.5,
         contrast_weight: float = 0.0,
         histogram_weight: float = 0.0,
-        focal_weight: float = 0.5,
+        focal_weight: float = 2.0,
         focal_scales: tuple[float, ...] = (0.2, 0.3, 0.5, 0.7),
-        focal_z0: float = 0.5,
+        focal_z0: float = 1.5,
+        focal_one_sided: bool = True,
         noise_sigmas: float = 3.0,
         min_tolerance: float = 0.01,
         contrast_sigmas: float | None = 2.0,
@@ -231,6 +251,7 @@ class RadiomicsEncoder(RegionEncoder):
         self.weights = weights
         self.focal_scales = tuple(float(v) for v in focal_scales)
         self.focal_z0 = float(focal_z0)
+        self.focal_one_sided = bool(focal_one_sided)
         self.noise_sigmas = float(noise_sigmas)
         self.min_tolerance = float(min_tolerance)
         self.contrast_sigmas = None if contrast_sigmas is None else float(contrast_sigmas)
@@ -319,7 +340,12 @@ class RadiomicsEncoder(RegionEncoder):
         return torch.as_tensor(np.stack(rows), dtype=torch.float32)
 
     def similarity(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        d2 = ((a.double() - b.double()) ** 2).sum(-1)
+        """Gaussian kernel of the weighted distance of candidates ``a`` to references ``b`` (broadcasts)."""
+        diff = a.double() - b.double()
+        if self.focal_one_sided and self.weights[7]:
+            # the focal feature is appended last (embed_regions)
+            diff = torch.cat([diff[..., :-1], one_sided_difference(a[..., -1:], b[..., -1:])], dim=-1)
+        d2 = (diff**2).sum(-1)
         return torch.exp(-d2 / (2 * self.kernel_width**2))
 
 

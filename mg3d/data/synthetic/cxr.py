@@ -58,6 +58,7 @@ _CXR_BILATERAL = {
 }
 _ZONES = ("upper", "mid", "lower")
 _CXR_ATTEMPTS = 40
+MASS_RADIUS = (0.035, 0.055)  # a mass's radius as a fraction of the image width (drawn uniformly)
 
 
 @dataclass(frozen=True)
@@ -175,7 +176,11 @@ def _ellipse(chest: _Chest, cx: float, cy: float, a: float, b: float, angle: flo
 
 
 def _finding_parts(
-    rng: np.random.Generator, chest: _Chest, kind: str, bilateral: bool
+    rng: np.random.Generator,
+    chest: _Chest,
+    kind: str,
+    bilateral: bool,
+    mass_radius: tuple[float, float] = MASS_RADIUS,
 ) -> tuple[list[tuple[str, np.ndarray]], str, str] | None:
     """[(side, region mask)], side label and zone of one finding, or None if this draw did not fit."""
     geom = _CXR_GEOMETRY[kind]
@@ -217,7 +222,7 @@ def _finding_parts(
                         float(rng.uniform(0.03, 0.06)),
                     )
             elif geom == "round":
-                r = float(rng.uniform(0.012, 0.022) if kind == "nodule" else rng.uniform(0.035, 0.055))
+                r = float(rng.uniform(0.012, 0.022) if kind == "nodule" else rng.uniform(*mass_radius))
                 disc = np.hypot((chest.X - px) * W, (chest.Y - py) * lung.shape[0]) <= r * W
                 if (disc & lung).sum() < 0.8 * disc.sum():
                     return None
@@ -304,11 +309,13 @@ def generate_cxr_case(
     min_findings: int = 1,
     max_findings: int = 3,
     bilateral_probability: float = 0.2,
+    mass_radius: tuple[float, float] = MASS_RADIUS,
 ) -> CXRPhantom:
     """One PA chest-radiograph-like image with 0–3 findings, in memory (nothing written).
 
     Each finding's phrase is unique in the image and says the side in the patient's terms (the
-    patient's left is on the image's right) and the lung zone (upper / mid / lower third).
+    patient's left is on the image's right) and the lung zone (upper / mid / lower third). ``mass_radius``:
+    the range of a mass's radius as a fraction of the width (larger masses make an easier localisation task).
     """
     kinds = tuple(kinds)
     bad = sorted(set(kinds) - set(CXR_KINDS))
@@ -317,6 +324,11 @@ def generate_cxr_case(
     if not 0 <= min_findings <= max_findings or (max_findings > 0 and not kinds):
         raise ConfigError(
             f"need 0 ≤ min_findings ≤ max_findings and some kinds, got {min_findings}, {max_findings}, {kinds}"
+        )
+    lo, hi = (float(v) for v in mass_radius)
+    if not 0 < lo <= hi <= 0.2:
+        raise ConfigError(
+            f"mass_radius must be 0 < low ≤ high ≤ 0.2 (fractions of the width), got {mass_radius}"
         )
     if min(width, height) < 64:
         raise ConfigError(f"CXR image size must be at least 64×64, got {width}×{height}")
@@ -333,7 +345,7 @@ def generate_cxr_case(
         for kind in picked:
             for _try in range(_CXR_ATTEMPTS):
                 bilateral = kind in _CXR_BILATERAL and rng.random() < bilateral_probability
-                got = _finding_parts(rng, chest, kind, bilateral)
+                got = _finding_parts(rng, chest, kind, bilateral, (lo, hi))
                 if got is None:
                     continue
                 parts, side, zone = got
