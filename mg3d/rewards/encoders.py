@@ -249,6 +249,7 @@ class RadiomicsEncoder(RegionEncoder):
                 f"{focal_scales}"
             )
         self.weights = weights
+        self.focal_weight = float(focal_weight)
         self.focal_scales = tuple(float(v) for v in focal_scales)
         self.focal_z0 = float(focal_z0)
         self.focal_one_sided = bool(focal_one_sided)
@@ -342,9 +343,8 @@ class RadiomicsEncoder(RegionEncoder):
     def similarity(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Gaussian kernel of the weighted distance of candidates ``a`` to references ``b`` (broadcasts)."""
         diff = a.double() - b.double()
-        if self.focal_one_sided and self.weights[7]:
-            # the focal feature is appended last (embed_regions)
-            diff = torch.cat([diff[..., :-1], one_sided_difference(a[..., -1:], b[..., -1:])], dim=-1)
+        if self.focal_one_sided and self.focal_weight:  # the focal feature is the last column (embed_regions)
+            diff[..., -1] = one_sided_difference(a[..., -1], b[..., -1])
         d2 = (diff**2).sum(-1)
         return torch.exp(-d2 / (2 * self.kernel_width**2))
 
