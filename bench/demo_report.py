@@ -32,7 +32,8 @@ from mg3d.boxes import pair_iou
 from mg3d.data.records import read_manifest
 from mg3d.evaluation.baselines import best_box_per_key, best_constant_box, mean_iou
 
-STAGES = ("warm_start", "after_grpo")
+#: the policy GRPO started from: "warm_start" after an in-run warm start, "start" for a pretrained policy
+BEFORE_STAGES = ("warm_start", "start")
 METRICS = ("greedy/mIoU", "greedy/acc@0.5", "sampled/mIoU", "sampled/acc@0.5")
 # the in-run controls (runs from before they existed lack them: shown as "–")
 CONTROLS = ("swap/mIoU", "greedy/distinct_boxes")
@@ -72,10 +73,14 @@ def load_summary(run: Path) -> dict:
     if not path.is_file():
         raise SystemExit(f"{path}: not found (give the log folder of a finished demo run)")
     summary = json.loads(path.read_text(encoding="utf-8"))
-    missing = [s for s in STAGES if s not in summary]
-    if missing:
-        raise SystemExit(f"{path}: no {missing} stage(s); did the run finish both phases?")
+    if "after_grpo" not in summary or not any(s in summary for s in BEFORE_STAGES):
+        raise SystemExit(f"{path}: no before-GRPO or after_grpo stage; did the run finish both phases?")
     return summary
+
+
+def stages(summary: dict) -> tuple[str, str]:
+    """The stage GRPO started from and the final one."""
+    return next(s for s in BEFORE_STAGES if s in summary), "after_grpo"
 
 
 def _ms(values: list[float]) -> str:
@@ -100,16 +105,16 @@ def report(runs: list[Path], data: Path, max_samples: int | None = None) -> str:
         "| --- | --- | --- | " + " | ".join("---" for _ in columns) + " |",
     ]
     for run, summary in zip(runs, summaries, strict=True):
-        for stage in STAGES:
+        for stage in stages(summary):
             row = summary[stage]
             cells = " | ".join(_cell(row, m) for m in columns)
             lines.append(f"| {run.name} | {stage} | {int(row['step'])} | {cells} |")
     lines += ["", "Mean ± sample std over the runs:", ""]
-    lines += ["| metric | warm start | after GRPO | gain |", "| --- | --- | --- | --- |"]
+    lines += ["| metric | before GRPO | after GRPO | gain |", "| --- | --- | --- | --- |"]
     for m in columns:
-        if not all(m in s[stage] for s in summaries for stage in STAGES):
+        if not all(m in s[stage] for s in summaries for stage in stages(s)):
             continue
-        before = [s["warm_start"][m] for s in summaries]
+        before = [s[stages(s)[0]][m] for s in summaries]
         after = [s["after_grpo"][m] for s in summaries]
         gain = [a - b for a, b in zip(after, before, strict=True)]
         lines.append(

@@ -176,10 +176,13 @@ def build_module(
     trail: str,
     trail_grid: Sequence[int],
     cob_instruction: str,
+    from_pretrained: bool = False,
 ) -> Any:
     """A ``GRPOModule`` with the demo's settings, the arm's template and rewards, and no built-in evaluation.
 
     ``warm_steps`` > 0 makes it a supervised run (``warm_start.steps``; the bench stops it by step or time).
+    The policy is the tiny model from random init (seeded), unless ``from_pretrained``: then the config's
+    ``policy.checkpoint`` (``configs/demo.yaml``: the shipped pretrained policy), the same weights for every seed.
     """
     from mg3d.generation import RolloutConfig
     from mg3d.grounding import PromptConfig
@@ -193,7 +196,9 @@ def build_module(
     fields = cob_prompt_fields(trail, trail_grid, cob_instruction) if arm.template == COB else {}
     prompt = PromptConfig(**{**m["prompt"], "template": arm.template, **fields})
     return GRPOModule(
-        policy=PolicyConfig(**{**m["policy"], "seed": seed}),
+        policy=PolicyConfig(
+            **{**m["policy"], "seed": seed, **({} if from_pretrained else {"checkpoint": None})}
+        ),
         prompt=prompt,
         rollout=RolloutConfig(**{**m["rollout"], "max_new_tokens": tokens}),
         loss=GRPOLossConfig(**m["loss"]),
@@ -404,6 +409,7 @@ class Settings:
     warm_start_ckpt: dict[int, Path]
     reuse_warm_starts: bool
     out: Path
+    from_pretrained: bool = False
 
 
 class Study:
@@ -424,6 +430,7 @@ class Study:
         return build_module(
             self.cfg, arm, seed=seed, warm_steps=warm_steps, cob_new_tokens=s.cob_new_tokens,
             trail=s.trail, trail_grid=s.trail_grid, cob_instruction=s.cob_instruction,
+            from_pretrained=s.from_pretrained,
         )  # fmt: skip
 
     def record(
@@ -857,6 +864,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--reuse-warm-starts", action="store_true", help="reuse <out>/warm/*.safetensors if present"
     )
+    p.add_argument(
+        "--from-pretrained", action="store_true",
+        help="start every seed from the config's policy.checkpoint (configs/demo.yaml: the shipped pretrained "
+        "policy) instead of the tiny model from random init (the documented runs)",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_learning", help="output folder")
     p.add_argument("--md", type=Path, default=None, help="also write the markdown section here")
     p.add_argument("--figures", type=Path, default=None, help="folder for the PNG plots")
@@ -910,6 +922,7 @@ def settings_from(args: argparse.Namespace, cfg: Mapping[str, Any]) -> Settings:
         warm_start_ckpt=ckpts,
         reuse_warm_starts=args.reuse_warm_starts,
         out=args.out,
+        from_pretrained=args.from_pretrained,
     )
     if args.smoke:
         s.n_phantoms, s.eval_n, s.warm_steps, s.grpo_steps = 40, 8, 4, 4

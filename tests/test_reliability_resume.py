@@ -31,6 +31,9 @@ from mg3d.checkpointing import (
 from mg3d.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
+#: configs/demo.yaml starts from the shipped pretrained policy (a path relative to the repository); these
+#: tests train the tiny random-init model from another working directory
+NO_CKPT = "--model.policy.checkpoint=null"
 MAX_STEPS = 10
 # The tiny random policy writes ~10 characters per completion: rewarding "at most 10" gives every group a reward
 # spread, so every GRPO step moves the weights and a resume that replayed or skipped a batch would show.
@@ -102,7 +105,7 @@ def test_cli_trainer_uses_atomic_checkpoint_io_and_a_fixed_checkpoint_folder(tmp
     own = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
            "init_args": {"dirpath": str(tmp_path / "mine"), "filename": "best"}}  # fmt: skip
     cli = main(
-        ["--config", str(ROOT / "configs" / "demo.yaml"), f"--trainer.default_root_dir={tmp_path / 'run'}",
+        ["--config", str(ROOT / "configs" / "demo.yaml"), NO_CKPT, f"--trainer.default_root_dir={tmp_path / 'run'}",
          f"--data.sources=[{json.dumps(source)}]", "--model.policy.num_layers=1", f"--trainer.callbacks+={json.dumps(own)}"],
         run=False,
     )  # fmt: skip
@@ -122,7 +125,7 @@ def test_restarted_run_resumes_with_ckpt_path_last(phantoms, tmp_path):
 
     def run(max_steps: int, *extra: str) -> subprocess.CompletedProcess[str]:
         cmd = [
-            sys.executable, str(ROOT / "scripts" / "train.py"), "fit", "--config", str(ROOT / "configs" / "demo.yaml"),
+            sys.executable, str(ROOT / "scripts" / "train.py"), "fit", "--config", str(ROOT / "configs" / "demo.yaml"), NO_CKPT,
             f"--trainer.max_steps={max_steps}", "--trainer.callbacks.every_n_train_steps=2",
             "--trainer.log_every_n_steps=1",
             "--model.warm_start.steps=2", "--model.steps_per_generation=1", "--model.rollout.num_generations=2",
@@ -170,7 +173,7 @@ def _command(phantoms: Path, ckpt_dir: Path, resume: bool, keep_all: bool = Fals
                       "save_top_k": -1 if keep_all else 1},
     }  # fmt: skip
     return [
-        sys.executable, str(ROOT / "scripts" / "train.py"), "fit", "--config", str(ROOT / "configs" / "demo.yaml"),
+        sys.executable, str(ROOT / "scripts" / "train.py"), "fit", "--config", str(ROOT / "configs" / "demo.yaml"), NO_CKPT,
         f"--trainer.max_steps={MAX_STEPS}", "--model.warm_start.steps=2", "--model.steps_per_generation=1",
         "--model.rollout.num_generations=4", "--model.rollout.max_new_tokens=12", "--model.prompt.max_vision_tokens=32",
         f"--model.rewards={json.dumps(REWARDS)}",

@@ -33,6 +33,9 @@ from mg3d.data.transforms import PipelineConfig
 from mg3d.errors import BundleError, ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
+#: configs/demo.yaml starts from the shipped pretrained policy (a path relative to the repository); these
+#: tests train the tiny random-init model from another working directory
+NO_CKPT = "--model.policy.checkpoint=null"
 
 
 class Payload:
@@ -219,7 +222,7 @@ def test_train_script_refuses_crafted_checkpoint(ct_phantoms, tmp_path, kind):
     source = {"path": str(ct_phantoms), "synthetic": None, "pipeline": {"spatial_size": [28, 28, 8]}}
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
     run = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "train.py"), "fit", "--config", str(ROOT / "configs" / "demo.yaml"),
+        [sys.executable, str(ROOT / "scripts" / "train.py"), "fit", "--config", str(ROOT / "configs" / "demo.yaml"), NO_CKPT,
          "--trainer.max_steps=3", "--model.warm_start.steps=1", "--model.rollout.num_generations=2",
          "--model.prompt.max_vision_tokens=32", "--model.evaluation.enabled=false", "--trainer.logger=false",
          f"--data.sources=[{json.dumps(source)}]", "--data.batch_size=2", "--ckpt_path", str(evil)],

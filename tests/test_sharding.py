@@ -32,6 +32,9 @@ from mg3d.model import build_tiny_policy
 from mg3d.sharding import fsdp_units, gathered_parameters, is_sharded, shard_policy
 
 ROOT = Path(__file__).resolve().parents[1]
+#: configs/demo.yaml starts from the shipped pretrained policy (a path relative to the repository); these
+#: tests train the tiny random-init model from another working directory
+NO_CKPT = "--model.policy.checkpoint=null"
 WORLD = 2
 NEW_TOKENS = 12
 
@@ -263,7 +266,7 @@ def _train(phantoms: str, root: Path, strategy: str, *extra: str) -> dict[str, t
 
     source = {"path": phantoms, "synthetic": None, "pipeline": {"spatial_size": [28, 28, 8]}}
     cmd = [
-        sys.executable, str(ROOT / "scripts" / "train.py"), "fit", "--config", str(ROOT / "configs" / "demo.yaml"),
+        sys.executable, str(ROOT / "scripts" / "train.py"), "fit", "--config", str(ROOT / "configs" / "demo.yaml"), NO_CKPT,
         "--trainer.accelerator=cpu", "--trainer.devices=2", f"--trainer.strategy={strategy}",
         "--trainer.max_steps=4", f"--trainer.default_root_dir={root}", "--trainer.logger=false",
         "--trainer.enable_model_summary=false", "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",

@@ -27,6 +27,9 @@ from mg3d.grpo.loss import GRPOLossConfig
 from mg3d.grpo.module import GRPOModule, format_summary
 
 ROOT = Path(__file__).resolve().parents[1]
+#: configs/demo.yaml starts from the shipped pretrained policy (a path relative to the repository); these
+#: tests train the tiny random-init model from another working directory
+NO_CKPT = "--model.policy.checkpoint=null"
 
 
 def make_datamodule(source: SourceConfig, batch_size: int = 2) -> GroundingDataModule:
@@ -99,6 +102,19 @@ class _RecordBatches(pl.Callback):
 
 
 @pytest.mark.slow
+def test_supervised_only_run_ends_with_the_warm_started_policy_evaluated(phantom_source, tmp_path):
+    """max_steps == warm_start.steps (how configs/demo_pretrain.yaml pretrains the demo's policy): no GRPO step,
+    the held-out table of the warm-started policy at the end."""
+    module = make_module(evaluation=EvalConfig(max_samples=2, batch_size=2, max_new_tokens=4, sampled=False))
+    trainer(tmp_path, max_steps=2, logger=pl.loggers.CSVLogger(str(tmp_path))).fit(
+        module, datamodule=make_datamodule(phantom_source)
+    )
+    assert module.global_step == 2 and not module.grpo_phase_started
+    assert set(module.eval_results) == {"warm_start"} and module.eval_results["warm_start"]["step"] == 2
+    summary = json.loads(next(tmp_path.rglob("grpo_summary.json")).read_text(encoding="utf-8"))
+    assert "warm_start" in summary and "after_grpo" not in summary
+
+
 def test_exact_resume_matches_uninterrupted_run(phantom_source, tmp_path, monkeypatch):
     """Stop after 4 steps (warm start done, inside GRPO), resume from the checkpoint: the resumed run sees
     exactly the batches the uninterrupted run saw at steps 5-7 (across an epoch boundary: 12 records, batch 2)
@@ -207,7 +223,7 @@ def test_train_script_fit_logs_and_checkpoints(phantom_source, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     source = {"path": phantom_source.path, "synthetic": None, "pipeline": {"spatial_size": [28, 28, 8]}}
     args = [
-        sys.executable, str(ROOT / "scripts" / "train.py"), "fit", "--config", str(ROOT / "configs" / "demo.yaml"),
+        sys.executable, str(ROOT / "scripts" / "train.py"), "fit", "--config", str(ROOT / "configs" / "demo.yaml"), NO_CKPT,
         "--trainer.max_steps=5", "--model.warm_start.steps=2", "--model.steps_per_generation=1",
         "--model.rollout.num_generations=2", "--model.rollout.max_new_tokens=12", "--model.prompt.max_vision_tokens=32",
         "--model.evaluation.max_samples=4", "--model.evaluation.batch_size=4", "--model.evaluation.sampled=false",
@@ -241,7 +257,7 @@ def test_default_loggers_follow_default_root_dir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
     def log_dirs(*args: str) -> list[str]:
-        cli = main(["--config", str(ROOT / "configs" / "demo.yaml"), *args], run=False)
+        cli = main(["--config", str(ROOT / "configs" / "demo.yaml"), NO_CKPT, *args], run=False)
         return [os.path.relpath(logger.log_dir, tmp_path) for logger in cli.trainer.loggers]
 
     assert log_dirs(f"--trainer.default_root_dir={tmp_path / 'exp'}") == [

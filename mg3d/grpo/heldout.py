@@ -155,9 +155,16 @@ class HeldOutEvaluation:
         log.info("evaluation %s: %s", stage, results)
 
     def on_train_end(self) -> None:
-        if self.global_step <= self.grpo_start_step or not self.eval_config.enabled:
+        """Evaluate the trained policy: after GRPO, or — in a supervised-only run (``max_steps`` equal to
+        ``warm_start.steps``, e.g. pretraining a policy for a later GRPO run) — the warm-started policy."""
+        if not self.eval_config.enabled:
             return
-        self._evaluate("after_grpo")
+        if self.global_step > self.grpo_start_step:
+            self._evaluate("after_grpo")
+        elif self.grpo_start_step > 0 and self.global_step == self.grpo_start_step:
+            self._evaluate("warm_start")
+        else:
+            return
         self._write_summary()
 
     def _prior_baselines(self) -> dict[str, float]:
@@ -247,10 +254,12 @@ def format_summary(
             f"| {stage} | {int(r.get('step', 0))} | {f('greedy/mIoU')} | {f('greedy/acc@0.5')} | "
             f"{f('sampled/mIoU')} | {f('sampled/acc@0.5')} | {f('swap/mIoU')} | {distinct} | {int(r.get('n', 0))} |"
         )
-    if "warm_start" in results and "after_grpo" in results:
-        gain = results["after_grpo"]["greedy/mIoU"] - results["warm_start"]["greedy/mIoU"]
+    before = next((s for s in ("warm_start", "start") if s in results), None)
+    if before is not None and "after_grpo" in results:
+        gain = results["after_grpo"]["greedy/mIoU"] - results[before]["greedy/mIoU"]
+        what = "warm-started" if before == "warm_start" else "starting"
         lines.append("")
-        lines.append(f"GRPO changed held-out greedy mIoU by {gain:+.3f} over the warm-started policy.")
+        lines.append(f"GRPO changed held-out greedy mIoU by {gain:+.3f} over the {what} policy.")
     names = {
         "constant_box/mIoU": "best constant box (ignores image and phrase)",
         "phrase_box/mIoU": "best box per phrase (ignores the image)",

@@ -47,9 +47,11 @@ class PhaseSchedule:
             raise ConfigError(
                 f"a {self.schedule!r} learning-rate schedule needs trainer.max_steps; set it or use 'constant'"
             )
-        if self.total_steps is not None and self.total_steps <= self.warm_steps:
+        # max_steps == warm_start.steps is a supervised-only run (e.g. pretraining a policy for GRPO later)
+        if self.total_steps is not None and self.total_steps < self.warm_steps:
             raise ConfigError(
-                f"trainer.max_steps={self.total_steps} leaves no GRPO steps after warm_start.steps={self.warm_steps}"
+                f"trainer.max_steps={self.total_steps} ends before warm_start.steps={self.warm_steps}; "
+                "set max_steps ≥ warm_start.steps (equal: a supervised-only run)"
             )
 
     def __call__(self, step: int) -> float:
