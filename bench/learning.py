@@ -9,7 +9,9 @@ Run by hand, alone on the machine (one torch thread, runs one after the other)::
 
 The defaults (3 seeds, 400 + 50 warm-start steps, 48 GRPO steps per arm, 900 phantoms) fit about 40 CPU-minutes
 on a 2-core machine; ``--reuse-warm-starts`` skips the warm starts of an earlier run, ``--warm-start-ckpt``
-starts from other checkpoints (e.g. ``make demo``'s), ``--report-only`` rebuilds the report from the JSON.
+starts from other checkpoints (e.g. ``make demo``'s), ``--from-pretrained`` starts every seed from the config's
+``policy.checkpoint`` (``configs/demo.yaml``: the demo's pretrained policy; not yet run) instead of random init,
+``--report-only`` rebuilds the report from the JSON.
 
 Benchmark: the ``--config`` demo as it stands — by default ``configs/demo.yaml``, single-lesion CT phantoms
 (64×64×16, M3D-RefSeg layout, real adapter and MONAI pipeline, 56×56×16 video); ``configs/demo_2d.yaml`` runs

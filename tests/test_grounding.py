@@ -123,7 +123,7 @@ def test_phase_schedule_values():
     # max_steps == warm_start.steps: a supervised-only run (pretraining); fewer steps than the warm start: refused
     sft_only = PhaseSchedule(warm_steps=4, warm_lr_scale=10.0, warm_schedule="cosine", total_steps=4)
     assert sft_only(0) == pytest.approx(10.0) and sft_only(2) == pytest.approx(5.0)
-    with pytest.raises(ValueError, match="ends before warm_start.steps=4"):
+    with pytest.raises(ValueError, match=r"ends before warm_start\.steps=4"):
         PhaseSchedule(warm_steps=4, total_steps=3)
 
 
