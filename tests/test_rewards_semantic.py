@@ -153,8 +153,8 @@ def test_radiomics_embedding_by_hand() -> None:
     # level: both core quartiles at 100 of window 0..100 → 1, 1; enclosure 0; offset 0; isotropy 1 · 0.5; fill · 0.5
     # where the opening with the 4-neighbour cross removes the square's 4 corner pixels: fill = 572 / 576;
     # focal: at scale 0.7 × the box the core is all 100 and the ring all 0 (spread 0 → the floor 1e-6 × span
-    # 100), z = 1e6, z² / (z² + 1.5²) = 1 to float precision, × weight 2
-    torch.testing.assert_close(emb[0], torch.tensor([1.0, 1.0, 0.0, 0.0, 0.5 * 572 / 576, 0.5, 2.0]))
+    # 100), z = 1e6, z² / (z² + 1.25²) = 1 to float precision, × weight 2.5
+    torch.testing.assert_close(emb[0], torch.tensor([1.0, 1.0, 0.0, 0.0, 0.5 * 572 / 576, 0.5, 2.5]))
     assert float(enc.similarity(emb, emb)) == 1.0
     no_focal = RadiomicsEncoder(focal_weight=0.0).embed_regions(crops, intensity_stats(img), 0.5)
     torch.testing.assert_close(no_focal, emb[:, :6])
@@ -236,6 +236,32 @@ def test_focal_contrast_by_hand() -> None:
         RadiomicsEncoder(focal_scales=(0.0,))
     with pytest.raises(ConfigError):
         RadiomicsEncoder(focal_z0=0.0)
+
+
+def test_default_focal_scales_skip_a_spot_of_a_few_source_pixels_by_hand() -> None:
+    """Issue 24, fourth round: the smallest default scale is 0.3 of the box half-size. A 4 × 4 spot at the centre
+    of a 48 × 48 crop (one source pixel of a 4 × upsampled crop: what noise looks like there) fills the whole core
+    of scale 0.2 but only a quarter of the 8 × 8 core of scale 0.3."""
+    radius = _radius((48, 48)).numpy()
+    orthants = _orthants((48, 48))
+    x = np.zeros((48, 48), np.float32)
+    # texture from Chebyshev radius 0.225 (the scale-0.3 ring's inner edge) outwards: −1, 0, 1 in turn, so every
+    # orthant's ring has median 0 and MAD 1 (σ = 1.4826) whatever its exact voxel count
+    texture = (np.add.outer(np.arange(48), 2 * np.arange(48)) % 3 - 1).astype(np.float32)
+    x[radius >= 0.225] = texture[radius >= 0.225]
+    x[22:26, 22:26] = 6.0
+    enc = RadiomicsEncoder()
+    assert min(enc.focal_scales) == 0.3
+    # scale 0.3 at inner fraction 0.5: core Chebyshev radius < 0.15 = the 8 × 8 centre, mean 16 · 6 / 64 = 1.5;
+    # the larger scales average the spot over more voxels (z 0.45, 0.25, 0.11), so z = 1.5 / 1.4826
+    z = 1.5 / 1.4826
+    radii = [s * 0.5 for s in enc.focal_scales]
+    assert focal_contrast(x, radius, orthants, radii, 1e-6) == pytest.approx(z, rel=1e-5)
+    emb = enc.embed_regions(torch.from_numpy(x)[None], intensity_stats(x), 0.5)
+    expected = enc.focal_weight * z * z / (z * z + enc.focal_z0**2)
+    assert float(emb[0, -1]) == pytest.approx(expected, rel=1e-5)
+    # with the former smallest scale 0.2 the core is the spot alone (6 over a ring of mostly flat 0: z = 6 / floor)
+    assert focal_contrast(x, radius, orthants, [0.1, *radii], 1.0) == pytest.approx(6.0)
 
 
 # ------------------------------------------------------------------------------------------------ the reward
