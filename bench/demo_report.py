@@ -31,9 +31,8 @@ import numpy as np
 from mg3d.boxes import pair_iou
 from mg3d.data.records import read_manifest
 from mg3d.evaluation.baselines import best_box_per_key, best_constant_box, mean_iou
+from mg3d.grpo.heldout import BEFORE_GRPO_STAGES
 
-#: the policy GRPO started from: "warm_start" after an in-run warm start, "start" for a pretrained policy
-BEFORE_STAGES = ("warm_start", "start")
 METRICS = ("greedy/mIoU", "greedy/acc@0.5", "sampled/mIoU", "sampled/acc@0.5")
 # the in-run controls (runs from before they existed lack them: shown as "–")
 CONTROLS = ("swap/mIoU", "greedy/distinct_boxes")
@@ -73,14 +72,14 @@ def load_summary(run: Path) -> dict:
     if not path.is_file():
         raise SystemExit(f"{path}: not found (give the log folder of a finished demo run)")
     summary = json.loads(path.read_text(encoding="utf-8"))
-    if "after_grpo" not in summary or not any(s in summary for s in BEFORE_STAGES):
+    if "after_grpo" not in summary or not any(s in summary for s in BEFORE_GRPO_STAGES):
         raise SystemExit(f"{path}: no before-GRPO or after_grpo stage; did the run finish both phases?")
     return summary
 
 
 def stages(summary: dict) -> tuple[str, str]:
     """The stage GRPO started from and the final one."""
-    return next(s for s in BEFORE_STAGES if s in summary), "after_grpo"
+    return next(s for s in BEFORE_GRPO_STAGES if s in summary), "after_grpo"
 
 
 def _ms(values: list[float]) -> str:

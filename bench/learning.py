@@ -197,10 +197,11 @@ def build_module(
     tokens = cob_new_tokens if arm.template == COB else m["rollout"]["max_new_tokens"]
     fields = cob_prompt_fields(trail, trail_grid, cob_instruction) if arm.template == COB else {}
     prompt = PromptConfig(**{**m["prompt"], "template": arm.template, **fields})
+    policy = {**m["policy"], "seed": seed}
+    if not from_pretrained:
+        policy["checkpoint"] = None
     return GRPOModule(
-        policy=PolicyConfig(
-            **{**m["policy"], "seed": seed, **({} if from_pretrained else {"checkpoint": None})}
-        ),
+        policy=PolicyConfig(**policy),
         prompt=prompt,
         rollout=RolloutConfig(**{**m["rollout"], "max_new_tokens": tokens}),
         loss=GRPOLossConfig(**m["loss"]),

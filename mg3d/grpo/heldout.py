@@ -231,6 +231,10 @@ class HeldOutEvaluation:
         ]
 
 
+#: the stage a GRPO phase is measured against: after an in-run warm start, or the policy as loaded ("start")
+BEFORE_GRPO_STAGES = ("warm_start", "start")
+
+
 def format_summary(
     results: Mapping[str, Mapping[str, float]], baselines: Mapping[str, float] | None = None
 ) -> str:
@@ -254,7 +258,7 @@ def format_summary(
             f"| {stage} | {int(r.get('step', 0))} | {f('greedy/mIoU')} | {f('greedy/acc@0.5')} | "
             f"{f('sampled/mIoU')} | {f('sampled/acc@0.5')} | {f('swap/mIoU')} | {distinct} | {int(r.get('n', 0))} |"
         )
-    before = next((s for s in ("warm_start", "start") if s in results), None)
+    before = next((s for s in BEFORE_GRPO_STAGES if s in results), None)
     if before is not None and "after_grpo" in results:
         gain = results["after_grpo"]["greedy/mIoU"] - results[before]["greedy/mIoU"]
         what = "warm-started" if before == "warm_start" else "starting"
