@@ -12,20 +12,20 @@ tiny Qwen2.5-VL of ``mg3d.model`` (same seed, so the same weights) and the same 
 * **2D** (``--parts 2d``): mg3d's ``GRPOModule`` inside a Lightning ``Trainer`` against TRL 1.16's
   ``GRPOTrainer`` on the same image prompts (checked token for token), same reward, loss, lr, G and
   generation batch, both in float32 without activation checkpointing (issue 23's target: mg3d ≤ 0.33× TRL).
-  Unless ``--no-lean``, also mg3d with the opt-in speed-ups of issue 23, compiled decoding
-  (``RolloutConfig.compile``) and fused AdamW (``OptimConfig.fused``); unless ``--no-bf16``, also TRL with
+  Unless ``--no-lean``, also mg3d with the opt-in speed-ups of issue 23, the lean decoder
+  (``RolloutConfig.decoder="lean"``) and fused AdamW (``OptimConfig.fused``); unless ``--no-bf16``, also TRL with
   its own defaults (bf16 autocast, activation checkpointing: what a TRL user gets) and mg3d with Lightning's
   ``precision="bf16-mixed"``.
 * **3D** (``--parts 3d``): volumes shown as video (N merged vision tokens each); mg3d as built
   (``RolloutConfig.share_prompt=True``: vision tower and prefill once per prompt, KV cache shared by the G
   samples, also in the training forward) against ``share_prompt=False`` (generation through
   ``generate(num_return_sequences=G)``, training forward over G copies of the whole prompt); unless
-  ``--no-lean``, a third path: shared with compiled decoding and fused AdamW. Targets at 1,000 vision tokens:
+  ``--no-lean``, a third path: shared with the lean decoder and fused AdamW. Targets at 1,000 vision tokens:
   ≥ 3× at G = 4, ≥ 4.5× at G = 8, and an MFU ≥ 25 % at G = 8.
 * **real** (``--parts real``): rollouts on the real-architecture Qwen2.5-VL folder
   (``mg3d.testing.real_architecture_folder``, 151,936-row vocabulary): tokens/s and the time in the LM head,
   in the rest of the model and outside it, with transformers' ``multinomial``, the inverse-CDF sampler
-  (``RolloutConfig.sampler``) and that sampler with compiled decoding.
+  (``RolloutConfig.sampler``) and that sampler with compiled decoding or the lean decoder.
 * **MFU**: the matmul FLOPs of one step (``torch.utils.flop_counter.FlopCounterMode``, with the CPU
   flash-attention kernels added) over the median step time, against the peak of a large matmul (float32;
   bfloat16 for the bf16 paths) timed in the same process and thread count.
@@ -35,7 +35,7 @@ and a step is timed from the loop's step-begin hook to its step-end hook, so dat
 timing and everything listed above is inside. The loops run in lockstep: exactly one step of one path at a
 time, the paths taking turns step by step, so a load change on the shared machine hits all alike; ratios
 are medians of per-step ratios. The first ``--warmup`` steps of each path are not timed (the first one
-counts FLOPs, with decoding not compiled: see ``_compile_after_first``; compilation happens in the second). Every step is also split into phases (generation, training forward, backward, optimiser,
+counts FLOPs). Every step is also split into phases (generation, training forward, backward, optimiser,
 other). Where a target is missed, one more step of each path runs under ``torch.profiler`` and the top
 operators by self CPU time are printed. Prints markdown (and writes it with ``--out``), a plot with
 ``--plot``, and the exact command.
@@ -449,8 +449,8 @@ def mg3d_module(
 ) -> Any:
     """``GRPOModule`` with its defaults except what both sides must share (G, lengths, reward, loss, lr).
 
-    ``lean``: the two opt-in speed-ups of issue 23, compiled decoding (``RolloutConfig.compile``) and fused
-    AdamW (``OptimConfig.fused``)."""
+    ``lean``: the opt-in speed-ups of issue 23 that pay on CPU, the lean decoder (``RolloutConfig.decoder``) and
+    fused AdamW (``OptimConfig.fused``)."""
     from mg3d.generation import RolloutConfig
     from mg3d.grounding import PromptConfig
     from mg3d.grpo.config import EvalConfig, OptimConfig
@@ -461,7 +461,11 @@ def mg3d_module(
     return GRPOModule(
         policy=PolicyConfig(seed=0),
         prompt=PromptConfig(template=args.template, max_vision_tokens=max_vision_tokens),
-        rollout=RolloutConfig(num_generations=generations, max_new_tokens=args.max_new_tokens, compile=lean),
+        rollout=RolloutConfig(
+            num_generations=generations,
+            max_new_tokens=args.max_new_tokens,
+            decoder="lean" if lean else "transformers",
+        ),
         loss=GRPOLossConfig(loss_type="dapo", beta=0.0),
         rewards={"iou": 1.0},
         optim=OptimConfig(lr=args.lr, schedule="linear", max_grad_norm=1.0, fused=lean),
@@ -699,13 +703,13 @@ class Plan:
 
 MG3D = "mg3d GRPOModule"
 TRL = "TRL GRPOTrainer"
-MG3D_LEAN = "mg3d GRPOModule, compiled decoding + fused AdamW"
+MG3D_LEAN = "mg3d GRPOModule, lean decoder + fused AdamW"
 MG3D_BF16 = "mg3d GRPOModule, Lightning bf16-mixed (dynamic cache)"
 TRL_DEFAULTS = "TRL GRPOTrainer, TRL defaults (bf16 autocast, checkpointing)"
 SHORT = {
     MG3D: "mg3d",
     TRL: "TRL",
-    MG3D_LEAN: "mg3d\ncompiled+fused",
+    MG3D_LEAN: "mg3d\nlean+fused",
     MG3D_BF16: "mg3d\nbf16-mixed",
     TRL_DEFAULTS: "TRL\ndefaults (bf16)",
 }
@@ -718,14 +722,6 @@ class Loop:
     run: Callable[[], None]
     clock: Callable[[], PhaseClock]
     lengths: Callable[[], list[float]]
-
-
-def _compile_after_first(module: Any, batch_idx: int) -> None:
-    """Compiled decoding from the second step on. The first step counts FLOPs under ``FlopCounterMode``, and
-    dynamo skips a frame first called under a dispatch mode for good: transformers' compiled call wraps
-    ``Module.__call__``, so every later compiled decoding in the process would silently run eagerly. The FLOPs
-    are those of the same maths run eagerly."""
-    module.rollout_config = dataclasses.replace(module.rollout_config, compile=batch_idx > 0)
 
 
 def compiled_graphs() -> int:
@@ -741,9 +737,7 @@ def mg3d_loop(args: argparse.Namespace, samples: list, plan: Plan, lockstep: Loc
     bf16 = lockstep.names[path] == MG3D_BF16
     if bf16:  # the static cache is allocated in float32 and refuses autocast's bf16 keys
         module.rollout_config = dataclasses.replace(module.rollout_config, cache_implementation="dynamic")
-    callback = lightning_turns(
-        lockstep, path_of=lambda _: path, on_batch=_compile_after_first if lean else None
-    )
+    callback = lightning_turns(lockstep, path_of=lambda _: path)
     precision = "bf16-mixed" if bf16 else "32-true"
     return Loop(
         run=functools.partial(fit, module, samples, plan.steps, callback, [path], lockstep, precision),
@@ -824,7 +818,7 @@ class Config3D:
     shared: PathStats
     repeated: PathStats
     tables: dict[str, str]
-    lean: PathStats | None = None  # shared prompt with compiled decoding and fused AdamW
+    lean: PathStats | None = None  # shared prompt with the lean decoder and fused AdamW
 
     @property
     def speedup(self) -> float:
@@ -841,11 +835,11 @@ class Config3D:
 
 def run_3d(args: argparse.Namespace, tokens: int, generations: int, profile: bool) -> Config3D:
     """One Lightning loop whose steps take turns: shared prompt, repeated prompt (and, with ``--lean``, shared
-    prompt with compiled decoding and fused AdamW) on the same volume prompts."""
+    prompt with the lean decoder and fused AdamW) on the same volume prompts."""
     suffix = f" (N={tokens}, G={generations})"
     names = [f"shared prompt{suffix}", f"repeated prompt{suffix}"]
     if args.lean:
-        names.append(f"shared prompt, compiled decoding + fused AdamW{suffix}")
+        names.append(f"shared prompt, lean decoder + fused AdamW{suffix}")
     n = len(names)
     plan = Plan(names, args.warmup, args.runs, profile)
     samples = [volume_sample(i, tokens) for i in range(args.batch_3d)]
@@ -858,12 +852,12 @@ def run_3d(args: argparse.Namespace, tokens: int, generations: int, profile: boo
 
     def on_batch(mod: Any, batch_idx: int) -> None:
         # Step k of every path samples with the same seed: the same completions (the shared prefill is exact,
-        # compiled decoding draws the same tokens), so the paths differ only in how the work is done.
+        # the lean decoder draws the same tokens up to rare near-ties), so the paths differ only in how the
+        # work is done.
         path = batch_idx % n
         lean = path == 2
-        compile_now = lean and batch_idx // n > 0  # not on the FLOP-counting step: see _compile_after_first
         mod.rollout_config = dataclasses.replace(
-            mod.rollout_config, share_prompt=path != 1, compile=compile_now
+            mod.rollout_config, share_prompt=path != 1, decoder="lean" if lean else "transformers"
         )
         mod._rollout_backend().generator.manual_seed(batch_idx // n)
         for group in mod.trainer.optimizers[0].param_groups:  # torch reads the flag at every step
@@ -930,13 +924,14 @@ class RealRun:
     layers: int
     compile_seconds: float
     rows_differing: int  # rows the compiled variant drew differently from the eager one, over all rollouts
+    rows_differing_lean: int  # the same for the lean decoder
     rollouts: int
 
 
 def run_real(args: argparse.Namespace) -> RealRun:
     """Rollouts (B prompts × G, sampled, as GRPO samples them) on the real-architecture folder: eager as built
-    and with compiled decoding, alternating call by call; the first call of each is untimed (the compiled one
-    pays its compilation there)."""
+    with the inverse-CDF sampler, then also with compiled decoding or the lean decoder, alternating call by call;
+    the first call of each is untimed (the compiled one pays its compilation there)."""
     from mg3d.generation import RolloutConfig, generate_completions
     from mg3d.grounding import GroundingPrompter
     from mg3d.model import load_policy
@@ -952,6 +947,7 @@ def run_real(args: argparse.Namespace) -> RealRun:
         "as built (transformers' multinomial)": base,
         "inverse-CDF sampler": fast,
         "inverse-CDF sampler + compiled decoding": dataclasses.replace(fast, compile=True),
+        "inverse-CDF sampler + lean decoder": dataclasses.replace(fast, decoder="lean"),
     }
     seconds: dict[str, list[dict[str, float]]] = {name: [] for name in configs}
     tokens: dict[str, list[torch.Tensor]] = {name: [] for name in configs}
@@ -959,8 +955,9 @@ def run_real(args: argparse.Namespace) -> RealRun:
     for step in range(args.warmup + args.runs):
         for name, config in configs.items():
             config = dataclasses.replace(config, seed=step)
-            # Hooks would change what dynamo traces (and recompile): the compiled variant is timed as a whole.
-            clock = HeadClock(policy.model) if not config.compile else None
+            # Hooks would change what dynamo traces (and recompile), and the lean decoder calls no lm_head module
+            # (its weights are packed): those two variants are timed as a whole.
+            clock = HeadClock(policy.model) if not config.compile and config.decoder != "lean" else None
             start = time.perf_counter()
             with clock or contextlib.nullcontext():
                 rollout = generate_completions(policy, inputs, config)
@@ -981,8 +978,9 @@ def run_real(args: argparse.Namespace) -> RealRun:
                 }
             )
         print(f"[real] rollout {step + 1}/{args.warmup + args.runs}", file=sys.stderr, flush=True)
-    drawn = list(tokens.values())  # the compiled variant must draw what the eager one with its sampler drew
+    drawn = list(tokens.values())  # the compiled / lean variants against the eager one with the same sampler
     differ = sum(int((a != b).any(dim=1).sum()) for a, b in zip(drawn[1], drawn[2]))
+    differ_lean = sum(int((a != b).any(dim=1).sum()) for a, b in zip(drawn[1], drawn[3]))
     medians = {
         name: {key: statistics.median(run[key] for run in runs) for key in runs[0]}
         for name, runs in seconds.items()
@@ -997,6 +995,7 @@ def run_real(args: argparse.Namespace) -> RealRun:
         layers=int(text.num_hidden_layers),
         compile_seconds=compile_seconds,
         rows_differing=differ,
+        rows_differing_lean=differ_lean,
         rollouts=args.warmup + args.runs,
     )
 
@@ -1011,7 +1010,8 @@ def report_real(run: RealRun, args: argparse.Namespace) -> list[str]:
         f"rows, ≤ {run.new_tokens} new tokens sampled at T = 1; median of {args.runs} rollouts after "
         f"{args.warmup} untimed; the variants alternate call by call, with the same seeds. The compiled variant "
         f"drew other tokens than the eager one with the same sampler in {run.rows_differing} of "
-        f"{run.rows * run.rollouts} rows (inductor's fused kernels round differently); the inverse-CDF sampler "
+        f"{run.rows * run.rollouts} rows (inductor's fused kernels round differently), the lean decoder in "
+        f"{run.rows_differing_lean} (its attention and packed products round differently); the inverse-CDF sampler "
         "draws from the same distribution as `multinomial` from another random stream. LM head = time inside "
         "`lm_head` (forward hooks), body = the rest of the model's forward calls, outside = generate's own loop "
         "(logits processors, sampling, stopping, bookkeeping) and the prompt preparation.",
@@ -1032,7 +1032,7 @@ def report_real(run: RealRun, args: argparse.Namespace) -> list[str]:
                 f"{100 * m['lm_head'] / forward:.0f} %",
             ]
             if timed
-            else ["–", "–", "–", "– (no hooks inside the compiled graph)"]
+            else ["–", "–", "–", "– (timed as a whole)"]
         )
         lines.append(
             f"| {name} | {_s(m['total'])} | {m['steps']:.0f} | {rate:.0f} | " + " | ".join(cells) + " |"
@@ -1118,7 +1118,7 @@ def report_2d(
         lean = per_step_ratio(by_name[MG3D_LEAN], trl)
         met = met or lean <= TARGET_2D
         lines.append(
-            f"With compiled decoding and fused AdamW: mg3d / TRL = **{lean:.2f}×** "
+            f"With the lean decoder and fused AdamW: mg3d / TRL = **{lean:.2f}×** "
             f"(target ≤ {TARGET_2D}×: {'met' if lean <= TARGET_2D else 'missed'}); "
             f"against mg3d as built: {per_step_ratio(by_name[MG3D_LEAN], mg3d):.2f}×."
         )
@@ -1143,9 +1143,9 @@ def report_3d(configs: list[Config3D], peaks: Peaks, profile: str) -> list[str]:
         "### 3D volume prompts: prompt shared (as built) vs repeated G times",
         "",
         "| vision tokens | G | prompt tokens | shared (s) | repeated (s) | **speed-up** | "
-        + ("shared, compiled + fused (s) | **its speed-up** | " if lean else "")
+        + ("shared, lean + fused (s) | **its speed-up** | " if lean else "")
         + "shared GFLOP / step | repeated GFLOP / step | shared MFU | repeated MFU | "
-        + ("compiled + fused MFU | " if lean else "")
+        + ("lean + fused MFU | " if lean else "")
         + "mean completion length (shared / repeated) |",
         "|---" * (11 + 3 * lean) + "|",
     ]
@@ -1166,7 +1166,7 @@ def report_3d(configs: list[Config3D], peaks: Peaks, profile: str) -> list[str]:
     lines.append("|---" * (3 + len(PHASES)) + "|")
     for c in configs:
         paths = [(c.shared, "shared"), (c.repeated, "repeated")] + (
-            [(c.lean, "shared, compiled + fused")] if c.lean else []
+            [(c.lean, "shared, lean + fused")] if c.lean else []
         )
         for st, label in paths:
             lines.append(f"| {c.tokens} | {c.generations} | {label} | {_phases(st)} |")
@@ -1179,7 +1179,7 @@ def report_3d(configs: list[Config3D], peaks: Peaks, profile: str) -> list[str]:
         lines += [
             "",
             f"N = {c.tokens}, G = {c.generations}: speed-up **{c.speedup:.2f}×** as built"
-            + (f", **{c.lean_speedup:.2f}×** with compiled decoding + fused AdamW" if c.lean else "")
+            + (f", **{c.lean_speedup:.2f}×** with the lean decoder + fused AdamW" if c.lean else "")
             + f" (target ≥ {target}×: {'met' if met else 'missed'}).",
         ]
     for c in (c for c in judged if c.generations == 8):
@@ -1236,7 +1236,7 @@ def plot(
         ax.plot(xs, [c.repeated.median for c in sweep], "o-", label="prompt repeated G times")
         ax.plot(xs, [c.shared.median for c in sweep], "o-", label="prompt shared (mg3d)")
         if all(c.lean for c in sweep):
-            ax.plot(xs, [c.lean.median for c in sweep], "s--", label="prompt shared, compiled + fused")
+            ax.plot(xs, [c.lean.median for c in sweep], "s--", label="prompt shared, lean + fused")
         for c in sweep:
             ax.annotate(
                 f"{c.speedup:.1f}×",
@@ -1259,7 +1259,7 @@ def plot(
                 [c.generations for c in gsweep],
                 [c.lean_speedup for c in gsweep],
                 "s--",
-                label=f"N = {g_tokens}, compiled decoding + fused AdamW",
+                label=f"N = {g_tokens}, lean decoder + fused AdamW",
             )
         for g, target in TARGET_3D.items():
             ax.plot([g], [target], "k_", ms=14, label=f"target at G = {g}: {target:g}×")
@@ -1342,7 +1342,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--no-lean",
         dest="lean",
         action="store_false",
-        help="skip the paths with compiled decoding + fused AdamW (2D: one more path; 3D: a third path)",
+        help="skip the paths with the lean decoder + fused AdamW (2D: one more path; 3D: a third path)",
     )
     parser.add_argument(
         "--real-batch", type=int, default=2, help="real: prompts per rollout (2D images, G = --generations)"
@@ -1364,8 +1364,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.image_size % 28:
         parser.error("--image-size must be a multiple of 28")
-    if args.lean and args.warmup < 2:
-        parser.error("--warmup must be >= 2 with the compiled paths (they compile in their second step)")
     return args
 
 

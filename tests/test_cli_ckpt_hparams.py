@@ -56,7 +56,8 @@ def test_ckpt_path_hyper_parameters_that_replace_the_config_are_named(tmp_path: 
     ):
         _ParseOnlyCLI(GRPOModule, GroundingDataModule, args=args)
     # the config's own values change nothing and say nothing
-    torch.save({"hyper_parameters": {"rollout": {"max_new_tokens": 28, "stop_strings": ["</answer>"]}}}, ckpt)
+    same = {"max_new_tokens": 28, "stop_strings": ["</answer>"], "decoder": "lean"}  # configs/demo.yaml's
+    torch.save({"hyper_parameters": {"rollout": same}}, ckpt)
     with pytest.raises(_Stop):
         import warnings
 

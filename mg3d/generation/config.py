@@ -49,6 +49,14 @@ class RolloutConfig:
     #: uniform number per row (:mod:`mg3d.generation.inverse_cdf`), a different random stream, so other
     #: completions for a given seed. Greedy decoding ignores it.
     sampler: str = "multinomial"
+    #: Shared path only: who runs the decoding loop. ``"transformers"``: ``model.generate`` over the G-times
+    #: expanded prompt cache. ``"lean"``: mg3d's loop (:mod:`mg3d.generation.decoding`), Qwen2/2.5-VL on CPU:
+    #: each prompt's keys/values kept once and attended by all G rows as one query block (cascade attention),
+    #: the projections fused and packed once per rollout; transformers' processors, warpers, stopping criteria
+    #: and draw. The same maths, rounded differently: the same completions in the tests and in every sampled
+    #: token of ``make demo``'s three seeds; with ``sampler: inverse_cdf`` about 1 row in 200 differs at a
+    #: cumulative boundary. Not under autocast. Measured in docs/benchmarks.md ("One GRPO optimiser step").
+    decoder: str = "transformers"
     #: Never sample image/video placeholder ids (as TRL does): a completion holding one would break the
     #: placeholder/feature count check in the training forward.
     suppress_vision_tokens: bool = True
@@ -72,6 +80,16 @@ class RolloutConfig:
         self.stop_strings = check_stop_strings(self.stop_strings)
         if self.sampler not in ("multinomial", "inverse_cdf"):
             raise ConfigError(f"sampler must be 'multinomial' or 'inverse_cdf', got {self.sampler!r}")
+        if self.decoder not in ("transformers", "lean"):
+            raise ConfigError(f"decoder must be 'transformers' or 'lean', got {self.decoder!r}")
+        if self.decoder == "lean" and not self.share_prompt:
+            raise ConfigError(
+                "decoder='lean' decodes over a shared prompt prefill; it needs share_prompt=true"
+            )
+        if self.decoder == "lean" and self.compile:
+            raise ConfigError(
+                "compile=true compiles transformers' decoding; it does not apply to decoder='lean'"
+            )
         if self.cache_implementation not in ("static", "dynamic"):
             raise ConfigError(
                 f"cache_implementation must be 'static' or 'dynamic', got {self.cache_implementation!r}"

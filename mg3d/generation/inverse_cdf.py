@@ -23,7 +23,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-__all__ = ["BLOCK", "InverseCDFSampler", "draw", "inverse_cdf_processors"]
+__all__ = ["BLOCK", "InverseCDFSampler", "draw", "inverse_cdf_processors", "sampling_warpers"]
 
 
 #: Vocabulary entries per block of the two-level draw (a block is chosen by its mass, then a token inside it).
@@ -77,8 +77,8 @@ class InverseCDFSampler(LogitsProcessor):
         return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
 
 
-def inverse_cdf_processors(temperature: float, top_k: int, top_p: float) -> LogitsProcessorList:
-    """The warpers ``generate(do_sample=True)`` would add (same classes, conditions and order), then the sampler."""
+def sampling_warpers(temperature: float, top_k: int, top_p: float) -> LogitsProcessorList:
+    """The warpers ``generate(do_sample=True)`` adds (same classes, conditions and order)."""
     processors = LogitsProcessorList()
     if temperature != 1.0:
         processors.append(TemperatureLogitsWarper(temperature))
@@ -86,5 +86,11 @@ def inverse_cdf_processors(temperature: float, top_k: int, top_p: float) -> Logi
         processors.append(TopKLogitsWarper(top_k=top_k, min_tokens_to_keep=1))
     if top_p < 1.0:
         processors.append(TopPLogitsWarper(top_p=top_p, min_tokens_to_keep=1))
+    return processors
+
+
+def inverse_cdf_processors(temperature: float, top_k: int, top_p: float) -> LogitsProcessorList:
+    """The warpers ``generate(do_sample=True)`` would add, then the sampler."""
+    processors = sampling_warpers(temperature, top_k, top_p)
     processors.append(InverseCDFSampler())
     return processors

@@ -35,6 +35,7 @@ from transformers import CompileConfig, GenerationConfig, StaticCache
 
 from mg3d.errors import ConfigError
 from mg3d.generation.config import RolloutConfig
+from mg3d.generation.decoding import decode_shared
 from mg3d.generation.inputs import (
     check_prompt_inputs,
     prefill_shared,
@@ -340,7 +341,9 @@ def generate_completions(
         only_configured_processors(policy),
         _sampling_rng(model.device, generator, config.seed),
     ):
-        if config.share_prompt:
+        if config.share_prompt and config.decoder == "lean":
+            raw = decode_shared(policy, inputs, prompt_positions(policy, inputs), config)
+        elif config.share_prompt:
             raw = _generate_shared(policy, inputs, config)
         else:
             raw = _generate_naive(policy, inputs, config)
