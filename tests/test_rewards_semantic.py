@@ -208,6 +208,27 @@ def test_one_sided_focal_similarity_by_hand() -> None:
     assert float(both[0, 0]) == 1.0 and float(both[1, 0]) == pytest.approx(np.exp(-(0.4**2) / 2))
 
 
+def test_one_sided_shape_similarity_by_hand() -> None:
+    # columns: level ×2, enclosure, offset, fill, isotropy, focal; issue 24 fifth round: a candidate pays for the
+    # shape only where it is *less* of an enclosed (lower), centred (lower), compact (higher), round (higher) blob
+    enc = RadiomicsEncoder(kernel_width=1.0)
+    assert enc._sided.tolist() == [0, 0, -1, -1, 1, 1, 1]
+    ref = torch.tensor([[0.5, 0.5, 0.5, 0.2, 0.25, 0.25, 0.4]])
+    more_blob = torch.tensor([[0.5, 0.5, 0.1, 0.0, 0.45, 0.5, 0.4]])
+    less_blob = torch.tensor([[0.5, 0.5, 0.8, 0.5, 0.1, 0.1, 0.4]])
+    assert float(enc.similarity(more_blob, ref)) == 1.0
+    # d² = 0.3² (enclosure) + 0.3² (offset) + 0.15² (fill) + 0.15² (isotropy) = 0.225
+    assert float(enc.similarity(less_blob, ref)) == pytest.approx(np.exp(-0.225 / 2))
+    # two-sided when switched off: 0.4² + 0.2² + 0.2² + 0.25² = 0.3025 for the more blob-like candidate
+    sym = RadiomicsEncoder(kernel_width=1.0, shape_one_sided=False)
+    assert sym._sided.tolist() == [0, 0, 0, 0, 0, 0, 1]
+    assert float(sym.similarity(more_blob, ref)) == pytest.approx(np.exp(-0.3025 / 2))
+    assert float(sym.similarity(less_blob, ref)) == pytest.approx(np.exp(-0.225 / 2))
+    # the column directions follow the groups that are on: histogram (16 two-sided bins) before the focal column
+    hist = RadiomicsEncoder(histogram_weight=1.0, focal_one_sided=False, offset_weight=0.0)
+    assert hist._sided.tolist() == [0, 0, -1, 1, 1] + [0] * 16 + [0]
+
+
 def test_focal_contrast_by_hand() -> None:
     """Issue 24: a centre standing out on every side by several spreads, either density; an edge does not."""
     radius = _radius((12, 12)).numpy()

@@ -152,13 +152,30 @@ def focal_contrast(
 def one_sided_difference(candidate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """``max(reference − candidate, 0)``: a candidate is penalised only for being *less* than the reference.
 
-    Used for the focal feature (issue 24, third round). The reward asks whether a miss looks like the target;
-    for conspicuity the useful reading is "at least as much of a focal finding as the target". Symmetric, a
-    faint target (focal z ≈ 0 on its own box, common on the phantoms) made a conspicuous other lesion look
-    *unlike* it, which capped the focal weight at 0.5; one-sided, a faint target simply takes no evidence
-    from the term, while a conspicuous target still ranks flat tissue below a focal miss.
+    Used for the focal feature (issue 24, third round) and the shape features (fifth round). The reward asks
+    whether a miss looks like the target; for conspicuity the useful reading is "at least as much of a focal
+    finding as the target". Symmetric, a faint target (focal z ≈ 0 on its own box, common on the phantoms)
+    made a conspicuous other lesion look *unlike* it, which capped the focal weight at 0.5; one-sided, a faint
+    target simply takes no evidence from the term, while a conspicuous target still ranks flat tissue below a
+    focal miss.
     """
     return (reference.double() - candidate.double()).clamp_min(0.0)
+
+
+#: the embedding's feature groups in column order (a group is present when its weight is > 0), their width and
+#: the direction in which a region is *more of a focal finding* (+1 higher, −1 lower, 0 neither) — the
+#: direction :meth:`RadiomicsEncoder.similarity` compares one-sided
+_GROUPS: tuple[tuple[str, int, int], ...] = (
+    ("level", 2, 0),
+    ("enclosure", 1, -1),
+    ("offset", 1, -1),
+    ("fill", 1, 1),
+    ("isotropy", 1, 1),
+    ("contrast", 1, 0),
+    ("histogram", 16, 0),
+    ("focal", 1, 1),
+)
+_SHAPE = ("enclosure", "offset", "fill", "isotropy")
 
 
 class RadiomicsEncoder(RegionEncoder):
@@ -192,12 +209,17 @@ class RadiomicsEncoder(RegionEncoder):
     * ``histogram`` — √ of a 16-bin histogram of the box interior on the image-equalised scale (off by
       default: on the phantom study it ranks tissue above lesions of another kind).
 
-    Weights, the core size, ``contrast_sigmas`` and the ``focal`` settings were chosen on the *tuning* sources
-    of :mod:`mg3d.studies.semantic_property` — phantoms (seeds 1, 4–7, 21, 22; the focal settings, one-sided,
-    on seed 1), the ``chest_ct_small`` and ``shoulder_mr_slice`` real images — and are reported on the others
-    (``docs/rewards.md``). The similarity is a Gaussian kernel of the weighted Euclidean distance, ``exp(-d² / (2 σ²))`` in (0, 1]; with
+    Weights, the core size, ``contrast_sigmas``, the ``focal`` settings and the one-sided shape terms were chosen
+    on the *tuning* sources of :mod:`mg3d.studies.semantic_property` — phantoms (seeds 1, 4–7, 21, 22; the
+    focal settings and the one-sided terms on seed 1), the ``chest_ct_small`` and ``shoulder_mr_slice`` real
+    images — and are reported on the others (``docs/rewards.md``). The similarity is a Gaussian kernel of the weighted Euclidean distance, ``exp(-d² / (2 σ²))`` in (0, 1]; with
     ``focal_one_sided`` the focal term only counts where the candidate is *less* focal than the reference
-    (see :func:`one_sided_difference`).
+    (see :func:`one_sided_difference`), and with ``shape_one_sided`` the shape terms (enclosure, offset, fill,
+    isotropy) only where the candidate is *less* of an enclosed, centred, compact blob than the reference
+    (issue 24, fifth round: on the low-contrast tuning image the *target's* object often merges with its
+    tissue, enclosure ≈ 0.9, so a clearly enclosed other lesion, enclosure ≈ 0.05, was ranked below a tissue
+    miss for being *more* lesion-like than the target — 17 of the 35 tuning failures the enclosure term
+    decided).
     """
 
     similarity_floor = 0.0
@@ -219,6 +241,7 @@ class RadiomicsEncoder(RegionEncoder):
         focal_scales: tuple[float, ...] = (0.3, 0.5, 0.7, 1.0),
         focal_z0: float = 1.25,
         focal_one_sided: bool = True,
+        shape_one_sided: bool = True,
         noise_sigmas: float = 3.0,
         min_tolerance: float = 0.01,
         contrast_sigmas: float | None = 2.0,
@@ -257,6 +280,8 @@ class RadiomicsEncoder(RegionEncoder):
         self.focal_scales = tuple(float(v) for v in focal_scales)
         self.focal_z0 = float(focal_z0)
         self.focal_one_sided = bool(focal_one_sided)
+        self.shape_one_sided = bool(shape_one_sided)
+        self._sided = self._column_directions()
         self.noise_sigmas = float(noise_sigmas)
         self.min_tolerance = float(min_tolerance)
         self.contrast_sigmas = None if contrast_sigmas is None else float(contrast_sigmas)
@@ -266,6 +291,16 @@ class RadiomicsEncoder(RegionEncoder):
 
     def crop_size(self, ndim: int) -> tuple[int, ...]:
         return self.sizes[ndim]
+
+    def _column_directions(self) -> torch.Tensor:
+        """Per embedding column: the direction compared one-sided (+1 / −1, see ``_GROUPS``) or 0 (two-sided)."""
+        out: list[int] = []
+        for (name, width, direction), weight in zip(_GROUPS, self.weights):
+            if not weight:
+                continue
+            sided = (name == "focal" and self.focal_one_sided) or (name in _SHAPE and self.shape_one_sided)
+            out += [direction if sided else 0] * width
+        return torch.tensor(out, dtype=torch.float64)
 
     def _object(
         self, x: np.ndarray, core: np.ndarray, ring: np.ndarray, floor: float, noise: float
@@ -346,9 +381,11 @@ class RadiomicsEncoder(RegionEncoder):
 
     def similarity(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Gaussian kernel of the weighted distance of candidates ``a`` to references ``b`` (broadcasts)."""
-        diff = a.double() - b.double()
-        if self.focal_one_sided and self.focal_weight:  # the focal feature is the last column (embed_regions)
-            diff[..., -1] = one_sided_difference(a[..., -1], b[..., -1])
+        a, b = a.double(), b.double()
+        diff = a - b
+        if self._sided.any():  # one-sided columns: only a candidate less lesion-like than the reference pays
+            sided = self._sided
+            diff = torch.where(sided != 0, one_sided_difference(a * sided, b * sided), diff)
         d2 = (diff**2).sum(-1)
         return torch.exp(-d2 / (2 * self.kernel_width**2))
 
