@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -520,6 +520,20 @@ def save_policy(policy: Policy, path: str | Path) -> Path:
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+#: ``PolicyConfig`` fields that only shape the tiny model built from scratch (a checkpoint says its own).
+_TINY_ONLY = (
+    "family",
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "vision_depth",
+    "vision_hidden",
+    "vision_intermediate",
+)
+
+
 @dataclass
 class PolicyConfig:
     """Which policy to train: a local Qwen2-VL / Qwen2.5-VL checkpoint folder, or the tiny offline model.
@@ -568,9 +582,22 @@ class PolicyConfig:
             apply_lora(policy.model, self.lora)
         return policy
 
+    def _check_no_tiny_settings(self) -> None:
+        """A checkpoint folder's own config sets its architecture: tiny-model settings next to it would be
+        silently ignored, so a config that changes them (e.g. ``hidden_size`` with a checkpoint) is refused."""
+        defaults = {f.name: f.default for f in fields(PolicyConfig)}
+        changed = [name for name in _TINY_ONLY if getattr(self, name) != defaults[name]]
+        if changed:
+            settings = ", ".join(f"policy.{name}={getattr(self, name)!r}" for name in changed)
+            raise ConfigError(
+                f"policy.checkpoint={self.checkpoint!r} is a model folder whose own config sets its architecture; "
+                f"{settings} apply only to the tiny model (policy.checkpoint: null): drop them or the checkpoint"
+            )
+
     def _build_base(self, default_seed: int) -> Policy:
         """The policy; a tiny model is initialised from ``seed``, or ``default_seed`` when ``seed`` is ``None``."""
         if self.checkpoint is not None:
+            self._check_no_tiny_settings()
             return load_policy(
                 self.checkpoint,
                 dtype="auto" if self.dtype == "auto" else _DTYPES[self.dtype],

@@ -13,6 +13,7 @@ from mg3d.model import (
     MM_TYPE_IMAGE,
     MM_TYPE_VIDEO,
     Policy,
+    PolicyConfig,
     build_tiny_policy,
     load_policy,
     merged_token_count,
@@ -376,3 +377,17 @@ def test_load_without_preprocessor_config_uses_vision_config(tmp_path) -> None:
     with pytest.warns(UserWarning, match="preprocessor_config"):
         loaded = load_policy(folder)
     assert (loaded.processor.patch_size, loaded.processor.merge_size) == (14, 2)
+
+
+def test_tiny_model_settings_next_to_a_checkpoint_are_refused() -> None:
+    """A checkpoint folder's config sets its architecture; sizes given beside it used to be silently ignored."""
+    folder = "pretrained/ct3d_body_tiny"  # any path: the check runs before the folder is read
+    with pytest.raises(
+        ConfigError, match=r"policy\.hidden_size=128, policy\.num_layers=2 apply only to the tiny"
+    ):
+        PolicyConfig(checkpoint=folder, hidden_size=128, num_layers=2).build()
+    with pytest.raises(ConfigError, match=r"policy\.family='qwen2-vl'"):
+        PolicyConfig(checkpoint=folder, family="qwen2-vl").build()
+    # the defaults (what a config that names only the checkpoint leaves) pass through to the loader
+    with pytest.raises(ConfigError, match="does not exist"):
+        PolicyConfig(checkpoint="/nonexistent/folder").build()
