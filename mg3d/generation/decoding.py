@@ -136,7 +136,8 @@ class _Linear:
     every call, and a decoding step is a few such products per layer. Here the weights are packed once per
     rollout into oneDNN's layout (``torch.ops.mkldnn._reorder_linear_weight`` / ``_linear_pointwise``: the
     prepacked linear inductor emits for frozen weights) and fused where the model computes several products of
-    one input. Measured on the decode shapes of the tiny policy: ≈ 1.7× the throughput of ``F.linear``.
+    one input. Measured side by side on the decode shapes (16 rows, 20 cycled 1024 × 256 weights, one thread):
+    63 GFLOP/s against 26 for ``F.linear`` and 37 for MKL's packed GEMM.
     oneDNN sums in another order than MKL's GEMM (≈ 1e-6 relative); the tests bound the effect on the
     log-probabilities. Without oneDNN or for other dtypes: ``F.linear`` on the concatenated weights.
     """
