@@ -1114,7 +1114,6 @@ def report_2d(
         f"target ≤ {TARGET_2D}×: {'met' if met else 'missed'}).",
     ]
     if MG3D_LEAN in by_name:
-        lines.append(f"(dynamo compiled {compiled_graphs()} distinct graph(s) in the process so far.)")
         lean = per_step_ratio(by_name[MG3D_LEAN], trl)
         met = met or lean <= TARGET_2D
         lines.append(
@@ -1370,9 +1369,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    # dynamo keeps one cache per code object across models (each compiled model adds entries to Module.__call__'s);
-    # this run builds up to 8 compiled models, more than the default limit of 8 entries (beyond: eager, silently).
-    torch._dynamo.config.recompile_limit = 64
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*(val_dataloader|does not have many workers).*")
     import lightning.pytorch  # noqa: F401 - sets its loggers' levels on import; quieten them afterwards

@@ -85,7 +85,6 @@ class _SharedPrefixAttention:
 
     def __init__(self, prompt_cache: Any, prompt_mask: torch.Tensor, generations: int, steps: int) -> None:
         self.g = generations
-        self.steps = steps
         self.keys = [layer.keys for layer in prompt_cache.layers]  # (B, KV, L, d) per layer
         self.values = [layer.values for layer in prompt_cache.layers]
         dtype = self.keys[0].dtype

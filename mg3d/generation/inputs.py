@@ -190,5 +190,6 @@ def prefill_shared(
     cache = out.past_key_values
     if cache is None or cache.get_seq_length() != inputs["input_ids"].shape[1] - 1:
         raise ConfigError("the model returned no usable KV cache for the prompt prefill")
-    cache.batch_repeat_interleave(repeats)
+    if repeats > 1:  # transformers' repeat_interleave copies the whole cache even for 1
+        cache.batch_repeat_interleave(repeats)
     return cache
